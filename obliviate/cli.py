@@ -1,0 +1,161 @@
+"""The `obliviate` command line. Heavy libraries are imported inside commands, so --help is fast.
+
+Every command reads params.yaml (or --params), runs the matching Prefect flow, and turns a user
+error into one sentence on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="DeepObliviate machine unlearning: stored training, deletion, verification.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params.yaml to read (paths are relative to it).")
+]
+
+
+def _user_errors(fn):
+    """Print an ObliviateError as one line and exit 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from obliviate.errors import ObliviateError
+
+        try:
+            return fn(*args, **kwargs)
+        except ObliviateError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup(params: Path):
+    """Load the config, then prepare Prefect (its environment must be set before import)."""
+    from obliviate.config import load_config
+    from obliviate.runtime import configure_prefect, quiet_console
+
+    cfg = load_config(params)
+    configure_prefect(cfg.root)
+    import flows.pipeline
+
+    quiet_console()
+    return cfg, flows.pipeline
+
+
+@app.command()
+@_user_errors
+def partition(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Split the training set into B label-balanced blocks under data/ (gated by GX)."""
+    cfg, flows = _setup(params)
+    summary = flows.partition_flow(cfg)
+    typer.echo(f"partitioned {summary['train_samples']} {summary['dataset']} samples "
+               f"into {summary['blocks']} blocks at {cfg.paths.blocks}")  # fmt: skip
+
+
+@app.command()
+@_user_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store built with other params.")
+    ] = False,
+) -> None:
+    """Stored training: train blocks 1..B in order, storing P_0..P_B (resumes if interrupted)."""
+    cfg, flows = _setup(params)
+    s = flows.train_flow(cfg, overwrite)
+    mib, ratio = s["stored_bytes"] / 2**20, s["stored_bytes"] / s["raw_bytes"]
+    typer.echo(
+        f"stored P_0..P_{s['completed']} of {s['model']} on {s['dataset']} at {s['store']} "
+        f"({mib:.1f} MiB, {ratio:.2f} of raw)"
+    )
+
+
+@app.command()
+@_user_errors
+def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Test accuracy of the served model P_B; writes metrics/evaluate.json."""
+    cfg, flows = _setup(params)
+    m = flows.evaluate_flow(cfg)
+    typer.echo(
+        f"test accuracy {m['accuracy']:.4f} on {m['n_test']} samples "
+        f"(checkpoint P_{m['checkpoint']})"
+    )
+
+
+@app.command()
+@_user_errors
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store built with other params.")
+    ] = False,
+) -> None:
+    """partition, train and evaluate in one flow run."""
+    cfg, flows = _setup(params)
+    m = flows.pipeline_flow(cfg, overwrite)
+    typer.echo(f"test accuracy {m['accuracy']:.4f} on {m['n_test']} samples")
+
+
+@app.command()
+@_user_errors
+def info(
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Store size, B, recipe and the parameter layout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from obliviate.config import load_config
+    from obliviate.store import ParamStore
+
+    cfg = load_config(params)
+    store = ParamStore.open(cfg.paths.store)
+    meta = store.meta
+    summary = {
+        "store": str(store.path),
+        "dataset": meta["extra"]["dataset"]["name"],
+        "model": meta["extra"]["recipe"]["model"],
+        "blocks": store.n_blocks,
+        "completed": store.completed,
+        "parameters": int(store.params.shape[1]),
+        "optimizer_state": int(store.optimizer.shape[1]) if store.optimizer is not None else 0,
+        "stored_bytes": store.nbytes_stored(),
+        "raw_bytes": store.nbytes_raw(),
+        "chunks": list(store.params.chunks),
+        "compressors": [str(c) for c in store.params.compressors],
+    }
+    if as_json:
+        typer.echo(json.dumps({**summary, "layout": meta["layout"]}, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"obliviate store {store.path}", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, str(v))
+    table.add_row("stored / raw", f"{summary['stored_bytes'] / summary['raw_bytes']:.3f}")
+    console.print(table)
+    lay = Table("tensor", "shape", "offset", "kind", title="layout of one row")
+    for e in meta["layout"]:
+        lay.add_row(e["name"], str(tuple(e["shape"])), str(e["offset"]), e["kind"])
+    console.print(lay)
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

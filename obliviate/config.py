@@ -1,0 +1,149 @@
+"""params.yaml, read in one place into typed, validated objects.
+
+Every other module receives these objects; none reads params.yaml or holds a literal path.
+Relative paths in params.yaml are resolved against the folder that holds params.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from obliviate.errors import ConfigError
+
+DatasetName = Literal["digits", "fashion-mnist", "mnist", "purchase", "cifar10", "svhn", "imagenet"]
+ModelName = Literal["lenet5", "mlp", "resnet18", "vgg11", "resnet50"]
+
+
+class _Section(BaseModel):
+    # Every key is required (params.yaml is the only place defaults live); unknown keys and
+    # wrong types are errors, never silently ignored or coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PathsConfig(_Section):
+    blocks: Path
+    test: Path
+    store: Path
+    metrics: Path
+
+
+class PrepareConfig(_Section):
+    dataset: DatasetName
+    source: Path | None  # raw data directory or file; None: the dataset's default
+    download: bool  # torchvision download, only for sets torchvision can fetch
+    test_fraction: float = Field(gt=0, lt=1)  # digits and purchase have no official split
+    blocks: PositiveInt
+    seed: int
+
+
+class TrainConfig(_Section):
+    model: ModelName
+    hidden: PositiveInt  # hidden width of the mlp
+    image_size: PositiveInt  # imagenet images are resized to this square
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(ge=0)
+    lr_schedule: Literal["constant", "cosine"]  # across blocks
+    lr_final: float = Field(gt=0, le=1)  # cosine: last block's lr as a fraction of lr
+    epochs: PositiveInt  # per block
+    batch_size: PositiveInt
+    keep_optimizer_state: bool  # carry momentum/Adam moments from block to block
+    seed: int
+    threads: PositiveInt  # torch intra-op threads; part of the replay contract
+
+
+class EvaluateConfig(_Section):
+    batch_size: PositiveInt
+
+
+class Config(_Section):
+    paths: PathsConfig
+    prepare: PrepareConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Config:
+        root = self.root.resolve()
+        resolved = {k: (root / v).resolve() for k, v in self.paths.model_dump().items()}
+        object.__setattr__(self, "paths", PathsConfig(**resolved))
+        object.__setattr__(self, "root", root)
+        src = self.prepare.source
+        if src is not None and not src.is_absolute():
+            prep = self.prepare.model_copy(update={"source": (root / src).resolve()})
+            object.__setattr__(self, "prepare", prep)
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections, for telling whether an artifact was built with them."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_config(path: Path | str = "params.yaml", **overrides: dict) -> Config:
+    """Read params.yaml into a validated Config; one clear ConfigError on any problem.
+
+    ``overrides`` maps a section name to a dict of keys to replace (used by benchmarks and tests).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; run from the project folder or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{path} is not valid YAML ({exc.__class__.__name__}); fix its syntax."
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} must be a mapping of sections (paths, prepare, train, evaluate)."
+        )
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, root=path.parent, origin=str(path))
+
+
+def config_from_dict(raw: dict, root: Path | str = ".", origin: str = "params") -> Config:
+    if "root" in raw:
+        raise ConfigError(f"{origin}: unknown key 'root'; remove it.")
+    try:
+        # YAML gives str for paths; strict mode wants Path, so convert path-typed keys first.
+        return Config.model_validate({**_paths_as_path(raw), "root": Path(root)})
+    except ValidationError as exc:
+        raise ConfigError(_one_sentence(exc, origin)) from None
+
+
+def _paths_as_path(raw: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, val in (out.get("paths") or {}).items():
+        if isinstance(val, str):
+            out["paths"][key] = Path(val)
+    prep = out.get("prepare")
+    if isinstance(prep, dict) and isinstance(prep.get("source"), str):
+        prep["source"] = Path(prep["source"])
+    return out
+
+
+def _one_sentence(exc: ValidationError, origin: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = err["loc"][0] if len(err["loc"]) > 1 else None
+        model = (
+            Config.model_fields[section].annotation if section in Config.model_fields else Config
+        )
+        valid = ", ".join(k for k in model.model_fields if k != "root")
+        return f"{origin}: unknown key '{key}'; valid keys here are: {valid}."
+    if err["type"] == "missing":
+        return f"{origin}: '{key}' is missing; add it (see the project's params.yaml)."
+    given = err.get("input")
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{origin}: '{key}' is {given!r}, but {msg}; fix it in params.yaml."

@@ -1,0 +1,21 @@
+"""One exception family for problems a user can fix; the CLI prints their message, no traceback."""
+
+
+class ObliviateError(Exception):
+    """Bad input or state. The message is one sentence naming the problem and the fix."""
+
+
+class ConfigError(ObliviateError):
+    """params.yaml has an unknown key, a wrong type or an impossible value."""
+
+
+class DataError(ObliviateError):
+    """A data source is missing, corrupt or unsuitable."""
+
+
+class PartitionError(ObliviateError):
+    """The requested block partition is impossible or failed its quality gate."""
+
+
+class StoreError(ObliviateError):
+    """The parameter store is missing, incomplete or was built with other params."""

@@ -1,0 +1,41 @@
+"""Test accuracy of a stored checkpoint (by default the served model, P_B)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from obliviate.config import Config
+from obliviate.models import load_flat
+from obliviate.partition import load_samples
+from obliviate.store import ParamStore
+from obliviate.train import Trainer
+
+
+def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.ndarray:
+    """Class predictions (N,) for samples x."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out.append(model(to_inputs(x[start : start + batch_size])).argmax(1).numpy())
+    return np.concatenate(out) if out else np.array([], dtype=np.int64)
+
+
+def accuracy(trainer: Trainer, theta: torch.Tensor, cfg: Config) -> float:
+    test = load_samples(cfg.paths.test)
+    load_flat(trainer.model, theta)
+    pred = predict(trainer.model, test.x, trainer.to_inputs, cfg.evaluate.batch_size)
+    return float((pred == test.y).mean())
+
+
+def evaluate_store(cfg: Config, row: int | None = None) -> dict:
+    """Metrics of row ``row`` (default: the last, the served model) of the store."""
+    store = ParamStore.open(cfg.paths.store)
+    store.require_complete()
+    k = store.n_blocks if row is None else row
+    trainer = Trainer.from_config(cfg)
+    theta, _ = store.read(k)
+    n_test = len(load_samples(cfg.paths.test))
+    return {"accuracy": accuracy(trainer, theta, cfg), "n_test": n_test, "checkpoint": k}

@@ -1,0 +1,132 @@
+"""Balanced block partition and the on-disk blocks (the project's own copy of the training data).
+
+Layout of ``paths.blocks``:
+    manifest.json          dataset info, B, seed, per-block size and sha256
+    block_0001.npz ...     ids (N_k,), y (N_k,), x (N_k, ...) -- uncompressed, so a purge can
+                           be checked by searching for a sample's raw bytes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from obliviate.data import Dataset, DatasetInfo, Samples
+from obliviate.errors import PartitionError, StoreError
+
+MANIFEST = "manifest.json"
+
+
+def balanced_partition(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.ndarray]:
+    """Split sample indices into ``n_blocks`` disjoint, label-balanced blocks.
+
+    Each class's indices are shuffled and the classes are laid end to end; position i of that
+    sequence goes to block i mod B. So block sizes are |D|//B or |D|//B + 1, and every class's
+    count in a block is floor or ceil of n_c / B (within 1 of the ideal). Within a block the
+    order is shuffled once; that order is fixed for all training and retraining.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if n_blocks > n:
+        raise PartitionError(f"B={n_blocks} blocks exceeds the {n} samples; lower prepare.blocks.")
+    if n_blocks > counts.min():
+        rare = classes[counts.argmin()]
+        raise PartitionError(
+            f"B={n_blocks} exceeds the {counts.min()} samples of class {rare}, so some block would "
+            f"miss that class; set prepare.blocks to at most {counts.min()}."
+        )
+    rng = np.random.default_rng(seed)
+    sequence = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in classes])
+    owner = np.arange(n) % n_blocks
+    return [rng.permutation(sequence[owner == b]) for b in range(n_blocks)]
+
+
+def block_file(k: int) -> str:
+    return f"block_{k:04d}.npz"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_blocks(
+    dataset: Dataset, blocks: list[np.ndarray], out_dir: Path, test_path: Path, params: dict
+) -> dict:
+    """Write blocks, manifest and test set atomically: a crash leaves the old copy or the new one.
+
+    Everything is written next to the destination and moved into place with renames.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        entries = []
+        for k, idx in enumerate(blocks, start=1):
+            s = dataset.train.take(idx)
+            np.savez(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x)
+            entries.append(
+                {"file": block_file(k), "n": len(idx), "sha256": _sha256(tmp / block_file(k))}
+            )
+        manifest = {
+            "format": 1,
+            "dataset": asdict(dataset.info),
+            "n_blocks": len(blocks),
+            "n_samples": int(sum(len(b) for b in blocks)),
+            "params": params,
+            "blocks": entries,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        test_tmp = test_path.with_name(f".{test_path.name}.tmp.npz")
+        np.savez(test_tmp, ids=dataset.test.ids, y=dataset.test.y, x=dataset.test.x)
+        _replace_dir(tmp, out_dir)
+        os.replace(test_tmp, test_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(blocks_dir: Path) -> dict:
+    path = blocks_dir / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{path} is missing; run `obliviate partition` first.")
+    return json.loads(path.read_text())
+
+
+def dataset_info(manifest: dict) -> DatasetInfo:
+    d = dict(manifest["dataset"])
+    d["input_shape"] = tuple(d["input_shape"])
+    return DatasetInfo(**d)
+
+
+def load_block(blocks_dir: Path, k: int) -> Samples:
+    """Block k (1-based) as written by write_blocks."""
+    with np.load(blocks_dir / block_file(k), allow_pickle=False) as z:
+        return Samples(z["ids"], z["y"], z["x"])
+
+
+def load_samples(path: Path) -> Samples:
+    if not path.is_file():
+        raise StoreError(f"{path} is missing; run `obliviate partition` first.")
+    with np.load(path, allow_pickle=False) as z:
+        return Samples(z["ids"], z["y"], z["x"])

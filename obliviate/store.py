@@ -1,0 +1,166 @@
+"""The parameter store: checkpoints P_0..P_B in a chunked, compressed, lossless Zarr v3 group.
+
+    store.zarr/
+      params      float32 (B+1, |theta|)   row k = P_k; chunks of one row (split when huge)
+      optimizer   float32 (B+1, |state|)   only when the recipe keeps optimizer state
+
+``params.attrs["obliviate"]`` holds the layout (name, shape, offset of every tensor), the
+fingerprint of the params that built the store and ``completed``: the last row written in full.
+Rows are written in order and ``completed`` is updated after each row (zarr writes each file
+atomically), so an interrupted run resumes from row ``completed``.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from obliviate.errors import StoreError
+
+FORMAT = 1
+MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
+
+
+def _codec() -> BloscCodec:
+    # Byte-shuffled zstd: lossless, and shuffling groups the similar exponent bytes of floats.
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+@dataclass
+class StoreMeta:
+    fingerprint: str
+    n_blocks: int
+    layout: list[dict]
+    optimizer_layout: list[dict]
+    extra: dict  # dataset, model, recipe: for humans and `obliviate info`
+    completed: int = -1
+
+
+class ParamStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self.group = zarr.open_group(str(path), mode="r+")
+        self.params = self.group["params"]
+        self.optimizer = self.group.get("optimizer")
+
+    # ------------------------------------------------------------------ creation and opening
+    @classmethod
+    def create(cls, path: Path, meta: StoreMeta, n_params: int, n_opt: int) -> ParamStore:
+        if path.exists():
+            shutil.rmtree(path)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        rows = meta.n_blocks + 1
+        for name, width in (("params", n_params), ("optimizer", n_opt)):
+            if width == 0:
+                continue
+            group.create_array(
+                name, shape=(rows, width), dtype="float32",
+                chunks=(1, min(width, MAX_CHUNK_ELEMS)), compressors=[_codec()], fill_value=0.0,
+            )  # fmt: skip
+        group["params"].attrs["obliviate"] = {"format": FORMAT, **meta.__dict__}
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: Path) -> ParamStore:
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"no parameter store at {path}; run `obliviate train` first.")
+        store = cls(path)
+        if store.meta.get("format") != FORMAT:
+            raise StoreError(f"{path} is not an obliviate store of format {FORMAT}; retrain it.")
+        return store
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def meta(self) -> dict:
+        return dict(self.params.attrs["obliviate"])
+
+    @property
+    def completed(self) -> int:
+        return int(self.meta["completed"])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.meta["n_blocks"])
+
+    def _set_completed(self, k: int) -> None:
+        self.params.attrs["obliviate"] = {**self.meta, "completed": k}
+
+    def require_complete(self) -> None:
+        if self.completed != self.n_blocks:
+            raise StoreError(
+                f"{self.path} holds {self.completed} of {self.n_blocks} blocks; "
+                "run `obliviate train` to finish it."
+            )
+
+    # ------------------------------------------------------------------ rows
+    def read(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """P_k and its optimizer state (None when the recipe keeps none)."""
+        theta = torch.from_numpy(self.params[k])
+        opt = torch.from_numpy(self.optimizer[k]) if self.optimizer is not None else None
+        return theta, opt
+
+    def write(self, k: int, theta: torch.Tensor, opt: torch.Tensor | None) -> None:
+        self.params[k] = theta.numpy()
+        if self.optimizer is not None:
+            self.optimizer[k] = opt.numpy()
+        self._set_completed(k)
+
+    def async_writer(self, depth: int = 4) -> RowWriter:
+        return RowWriter(self, depth)
+
+    # ------------------------------------------------------------------ sizes
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def nbytes_raw(self) -> int:
+        arrays = [self.params] + ([self.optimizer] if self.optimizer is not None else [])
+        return int(sum(np.prod(a.shape) * 4 for a in arrays))
+
+
+class RowWriter:
+    """Writes rows on a background thread so training never waits on compression or disk.
+
+    Rows are written in submission order; ``completed`` only moves once a row is on disk. The
+    queue is bounded, so a slow disk applies back-pressure instead of growing memory. Errors in
+    the writer are re-raised in the training thread at the next ``put`` or on exit.
+    """
+
+    def __init__(self, store: ParamStore, depth: int):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="obliviate-store-writer", daemon=True)
+
+    def __enter__(self) -> RowWriter:
+        self.thread.start()
+        return self
+
+    def put(self, k: int, theta: torch.Tensor, opt: torch.Tensor | None) -> None:
+        self._raise_if_failed()
+        # clone: the trainer may reuse its buffers while the row waits in the queue
+        self.queue.put((k, theta.clone(), None if opt is None else opt.clone()))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write(*item)
+                except BaseException as exc:  # surfaced in the training thread
+                    self.error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise StoreError(f"writing {self.store.path} failed: {self.error}") from self.error
+
+    def __exit__(self, *exc) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()

@@ -1,0 +1,240 @@
+"""Stored training (paper Section IV-A): train blocks 1..B in order and keep every P_k.
+
+The unit of work is ``train_block``: a pure function of (P_{k-1}, optimizer state, block k,
+recipe, k). Stored training calls it for k = 1..B; replay and deletion call the very same function
+from a stored row. Because the model and optimizer are rebuilt from the row at every block, the
+replay of block k from the stored P_{k-1} reproduces P_k bit for bit (same machine and threads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from obliviate.config import Config, TrainConfig
+from obliviate.data import DatasetInfo
+from obliviate.errors import StoreError
+from obliviate.models import build_model, flatten, layout, load_flat
+from obliviate.partition import dataset_info, load_block, read_manifest
+from obliviate.store import ParamStore, StoreMeta
+
+# Optimizer state kept per parameter, in this order, when the recipe carries it across blocks.
+_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
+_STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
+
+
+def configure_determinism(threads: int) -> None:
+    """Deterministic kernels and a fixed thread count: part of the replay contract."""
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def block_seed(seed: int, k: int) -> int:
+    """The seed of block k: shuffling and dropout in block k depend on nothing else."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def block_lr(recipe: TrainConfig, k: int, n_blocks: int) -> float:
+    """Learning rate for block k (1-based); a pure function of k, so no scheduler state."""
+    if recipe.lr_schedule == "constant" or n_blocks == 1:
+        return recipe.lr
+    progress = (k - 1) / (n_blocks - 1)
+    return recipe.lr * (
+        recipe.lr_final + (1 - recipe.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
+
+
+def state_keys(recipe: TrainConfig) -> tuple[str, ...]:
+    if not recipe.keep_optimizer_state or (recipe.optimizer == "sgd" and recipe.momentum == 0):
+        return ()
+    return _STATE_KEYS[recipe.optimizer]
+
+
+def optimizer_layout(model: nn.Module, recipe: TrainConfig) -> list[dict]:
+    entries, offset = [], 0
+    for i, p in enumerate(model.parameters()):
+        for key in state_keys(recipe):
+            size = 1 if key == "step" else p.numel()
+            entries.append({"param": i, "key": key, "offset": offset, "size": size})
+            offset += size
+    return entries
+
+
+def make_optimizer(model: nn.Module, recipe: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)  # fmt: skip
+    cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
+
+
+def flatten_optimizer(opt: torch.optim.Optimizer, model: nn.Module, recipe: TrainConfig):
+    keys = state_keys(recipe)
+    if not keys:
+        return None
+    parts = []
+    for p in model.parameters():
+        state = opt.state.get(p, {})
+        for key in keys:
+            t = state.get(key)
+            t = torch.zeros(1 if key == "step" else p.numel()) if t is None else t
+            parts.append(t.detach().reshape(-1).float())
+    return torch.cat(parts)
+
+
+def load_optimizer(opt, model: nn.Module, recipe: TrainConfig, vector: torch.Tensor) -> None:
+    entries = iter(optimizer_layout(model, recipe))
+    for p in model.parameters():
+        state = {}
+        for key in state_keys(recipe):
+            e = next(entries)
+            chunk = vector[e["offset"] : e["offset"] + e["size"]]
+            state[key] = chunk[0].clone() if key == "step" else chunk.view(p.shape).clone()
+        opt.state[p] = state
+
+
+def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], torch.Tensor]:
+    """x rows of a block -> float model inputs (N, *input_shape)."""
+    if info.image_root is None:
+        return lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32) / np.float32(info.scale))
+
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    root = Path(info.image_root)
+
+    def load(paths: np.ndarray) -> torch.Tensor:
+        imgs = [decode_image(str(root / p), mode=ImageReadMode.RGB) for p in paths]
+        imgs = [center_crop(resize(i, [image_size]), [image_size]) for i in imgs]
+        return torch.stack(imgs).float() / info.scale
+
+    return load
+
+
+def train_block(
+    model: nn.Module,
+    theta: torch.Tensor,
+    opt_state: torch.Tensor | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    recipe: TrainConfig,
+    k: int,
+    n_blocks: int,
+    to_inputs: Callable[[np.ndarray], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Train block k for recipe.epochs epochs from (theta, opt_state); return the new pair.
+
+    theta: (|theta|,) float32, P_{k-1}. Returns P_k and the optimizer state after block k.
+    """
+    load_flat(model, theta)
+    opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks))
+    if opt_state is not None:
+        load_optimizer(opt, model, recipe, opt_state)
+    seed = block_seed(recipe.seed, k)
+    torch.manual_seed(seed)  # dropout and any other global-RNG use inside the block
+    order_rng = torch.Generator().manual_seed(seed)
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(y), generator=order_rng).numpy()  # within the block only
+        for start in range(0, len(y), recipe.batch_size):
+            idx = order[start : start + recipe.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(to_inputs(x[idx])), labels[idx])  # (b, classes) vs (b,)
+            loss.backward()
+            opt.step()
+    return flatten(model), flatten_optimizer(opt, model, recipe)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Everything block training needs besides the state: model, recipe, data access."""
+
+    model: nn.Module
+    recipe: TrainConfig
+    info: DatasetInfo
+    blocks_dir: Path
+    n_blocks: int
+    to_inputs: Callable[[np.ndarray], torch.Tensor]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Trainer:
+        manifest = read_manifest(cfg.paths.blocks)
+        info = dataset_info(manifest)
+        configure_determinism(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)  # P_0 depends on the seed alone
+        model = build_model(cfg.train.model, info.input_shape, info.n_classes, cfg.train.hidden)
+        return cls(model, cfg.train, info, cfg.paths.blocks, manifest["n_blocks"],
+                   make_inputs(info, cfg.train.image_size))  # fmt: skip
+
+    def initial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """P_0 (the model as built from the seed) and a zero optimizer state."""
+        n_opt = sum(e["size"] for e in optimizer_layout(self.model, self.recipe))
+        return flatten(self.model), (torch.zeros(n_opt) if n_opt else None)
+
+    def run_block(self, k: int, theta, opt_state):
+        block = load_block(self.blocks_dir, k)
+        return train_block(self.model, theta, opt_state, block.x, block.y, self.recipe, k,
+                           self.n_blocks, self.to_inputs)  # fmt: skip
+
+
+def store_fingerprint(cfg: Config) -> str:
+    """What a store depends on: the prepare and train params and the blocks' contents."""
+    manifest = read_manifest(cfg.paths.blocks)
+    blocks = "".join(b["sha256"] for b in manifest["blocks"])
+    return f"{cfg.fingerprint('prepare', 'train')}:{blocks}"
+
+
+def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> ParamStore:
+    """Resume a store built with the same params; refuse one built with others."""
+    fingerprint = store_fingerprint(cfg)
+    path = cfg.paths.store
+    if (path / "zarr.json").is_file() and not overwrite:
+        store = ParamStore.open(path)
+        if store.meta["fingerprint"] != fingerprint:
+            raise StoreError(
+                f"{path} was built with other params or blocks; pass --overwrite to replace it "
+                "(or restore the params it was built with)."
+            )
+        return store
+    if path.exists() and not overwrite:
+        raise StoreError(
+            f"{path} exists but is not a parameter store; move it away or pass --overwrite."
+        )
+    theta, opt = trainer.initial_state()
+    meta = StoreMeta(
+        fingerprint=fingerprint,
+        n_blocks=trainer.n_blocks,
+        layout=[asdict(e) for e in layout(trainer.model)],
+        optimizer_layout=optimizer_layout(trainer.model, trainer.recipe),
+        extra={"dataset": asdict(trainer.info), "recipe": trainer.recipe.model_dump(mode="json")},
+    )
+    store = ParamStore.create(path, meta, len(theta), 0 if opt is None else len(opt))
+    store.write(0, theta, opt)
+    return store
+
+
+def stored_training(
+    cfg: Config, overwrite: bool = False, on_block: Callable[[int, int], None] | None = None
+) -> ParamStore:
+    """Train blocks completed+1..B, writing P_k after each; resumable, refuses foreign stores.
+
+    ``on_block(k, n_samples)`` is called after block k is trained (for progress bars).
+    """
+    trainer = Trainer.from_config(cfg)
+    store = open_or_create_store(cfg, trainer, overwrite)
+    theta, opt = store.read(store.completed)
+    with store.async_writer() as writer:
+        for k in range(store.completed + 1, trainer.n_blocks + 1):
+            theta, opt = trainer.run_block(k, theta, opt)
+            writer.put(k, theta, opt)
+            if on_block:
+                on_block(k, trainer.n_blocks)
+    return store

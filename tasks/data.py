@@ -1,0 +1,42 @@
+"""Tasks of the partition flow: load the source, partition it, gate it, write the blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from obliviate import data, partition, validate
+from obliviate.config import Config
+from tasks import NO_CACHE, retry_unless_user_error
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, **NO_CACHE)
+def load_dataset(cfg: Config) -> data.Dataset:
+    ds = data.load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
+    get_run_logger().info(
+        "loaded %s: %d train, %d test samples, %d classes",
+        ds.info.name,
+        len(ds.train),
+        len(ds.test),
+        ds.info.n_classes,
+    )
+    return ds
+
+
+@task(**NO_CACHE)
+def partition_blocks(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.ndarray]:
+    return partition.balanced_partition(labels, n_blocks, seed)
+
+
+@task(**NO_CACHE)
+def gate_partition(ids: np.ndarray, labels: np.ndarray, blocks: list[np.ndarray]) -> str:
+    """Great Expectations gate; raises PartitionError (failing the flow) with the report."""
+    report = validate.require_valid_partition(ids, labels, blocks).report()
+    get_run_logger().info("partition passed its data-quality gate:\n%s", report)
+    return report
+
+
+@task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, **NO_CACHE)
+def write_blocks(cfg: Config, ds: data.Dataset, blocks: list[np.ndarray]) -> dict:
+    params = cfg.prepare.model_dump(mode="json")
+    return partition.write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, params)

@@ -1,0 +1,70 @@
+"""Tasks of the training and evaluation flows."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from obliviate import evaluate, train
+from obliviate.config import Config
+from obliviate.progress import block_progress
+from obliviate.store import ParamStore
+from tasks import NO_CACHE
+
+
+@task(**NO_CACHE)
+def stored_training(cfg: Config, overwrite: bool = False) -> dict:
+    """Train every block not yet in the store (one task: per-block tasks would cost more than
+    the blocks themselves at B=500) and return a summary of the store."""
+    log = get_run_logger()
+    n_blocks = cfg.prepare.blocks
+    with block_progress("stored training", n_blocks) as advance:
+
+        def on_block(k: int, n: int) -> None:
+            advance(k, n)
+            if k % max(1, n // 10) == 0 or k == n:
+                log.info("block %d/%d stored", k, n)
+
+        store = train.stored_training(cfg, overwrite=overwrite, on_block=on_block)
+    return store_summary(store)
+
+
+def store_summary(store: ParamStore) -> dict:
+    meta = store.meta
+    return {
+        "store": str(store.path),
+        "blocks": store.n_blocks,
+        "completed": store.completed,
+        "parameters": int(store.params.shape[1]),
+        "optimizer_state": int(store.optimizer.shape[1]) if store.optimizer is not None else 0,
+        "stored_bytes": store.nbytes_stored(),
+        "raw_bytes": store.nbytes_raw(),
+        "dataset": meta["extra"]["dataset"]["name"],
+        "model": meta["extra"]["recipe"]["model"],
+    }
+
+
+@task(**NO_CACHE)
+def publish_summary(summary: dict, key: str) -> None:
+    """A Prefect table artifact, visible in the UI next to the flow run."""
+    rows = [{"field": k, "value": str(v)} for k, v in summary.items()]
+    create_table_artifact(rows, key=key, description=f"obliviate {key}")
+
+
+@task(**NO_CACHE)
+def evaluate_store(cfg: Config) -> dict:
+    metrics = evaluate.evaluate_store(cfg)
+    get_run_logger().info(
+        "test accuracy %.4f on %d samples", metrics["accuracy"], metrics["n_test"]
+    )
+    return metrics
+
+
+@task(retries=1, retry_delay_seconds=2, **NO_CACHE)
+def write_metrics(cfg: Config, metrics: dict, name: str) -> str:
+    cfg.paths.metrics.mkdir(parents=True, exist_ok=True)
+    path = cfg.paths.metrics / f"{name}.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return str(path)

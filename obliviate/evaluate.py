@@ -25,7 +25,7 @@ def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.n
 
 def accuracy(trainer: Trainer, theta: torch.Tensor, cfg: Config) -> float:
     test = load_samples(cfg.paths.test)
-    load_flat(trainer.model, theta)
+    load_flat(trainer.model, torch.as_tensor(theta))
     pred = predict(trainer.model, test.x, trainer.to_inputs, cfg.evaluate.batch_size)
     return float((pred == test.y).mean())
 

@@ -6,24 +6,27 @@
 
 ``params.attrs["obliviate"]`` holds the layout (name, shape, offset of every tensor), the
 fingerprint of the params that built the store and ``completed``: the last row written in full.
-Rows are written in order and ``completed`` is updated after each row (zarr writes each file
-atomically), so an interrupted run resumes from row ``completed``.
+Rows are written in order by a writer process (obliviate.store_writer) and ``completed`` moves
+after each write (zarr writes each file atomically), so an interrupted run resumes from row
+``completed``.
 """
 
 from __future__ import annotations
 
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec
 
 from obliviate.errors import StoreError
+from obliviate.store_writer import encode, encode_end
 
 FORMAT = 1
 MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
@@ -101,17 +104,21 @@ class ParamStore:
             )
 
     # ------------------------------------------------------------------ rows
-    def read(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """P_k and its optimizer state (None when the recipe keeps none)."""
-        theta = torch.from_numpy(self.params[k])
-        opt = torch.from_numpy(self.optimizer[k]) if self.optimizer is not None else None
-        return theta, opt
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""
+        opt = self.optimizer[k] if self.optimizer is not None else None
+        return self.params[k], opt
 
-    def write(self, k: int, theta: torch.Tensor, opt: torch.Tensor | None) -> None:
-        self.params[k] = theta.numpy()
+    def write(self, k: int, theta: np.ndarray, opt: np.ndarray | None) -> None:
+        self.write_rows(k, np.asarray(theta)[None], None if opt is None else np.asarray(opt)[None])
+
+    def write_rows(self, k0: int, thetas: np.ndarray, opts: np.ndarray | None) -> None:
+        """Rows k0..k0+n-1 in one call (one round trip through zarr), then mark them complete."""
+        k1 = k0 + len(thetas)
+        self.params[k0:k1] = thetas
         if self.optimizer is not None:
-            self.optimizer[k] = opt.numpy()
-        self._set_completed(k)
+            self.optimizer[k0:k1] = opts
+        self._set_completed(k1 - 1)
 
     def async_writer(self, depth: int = 4) -> RowWriter:
         return RowWriter(self, depth)
@@ -126,41 +133,56 @@ class ParamStore:
 
 
 class RowWriter:
-    """Writes rows on a background thread so training never waits on compression or disk.
+    """Streams rows to a writer process so training never waits on compression or disk.
 
-    Rows are written in submission order; ``completed`` only moves once a row is on disk. The
-    queue is bounded, so a slow disk applies back-pressure instead of growing memory. Errors in
-    the writer are re-raised in the training thread at the next ``put`` or on exit.
+    ``put`` hands a row to a feeder thread, which pipes it to ``obliviate.store_writer``
+    (blocking in the kernel, not holding the GIL). The queue is bounded, so a slow disk applies
+    back-pressure instead of growing memory. A writer failure is raised in the training thread
+    at the next ``put`` or on exit. Reopen the store afterwards: the writer changed it.
     """
 
     def __init__(self, store: ParamStore, depth: int):
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="obliviate-store-writer", daemon=True)
+        self.proc: subprocess.Popen | None = None
+        self.thread = threading.Thread(
+            target=self._feed, name="obliviate-store-feeder", daemon=True
+        )
 
     def __enter__(self) -> RowWriter:
+        cmd = [sys.executable, "-m", "obliviate.store_writer", str(self.store.path)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.thread.start()
         return self
 
-    def put(self, k: int, theta: torch.Tensor, opt: torch.Tensor | None) -> None:
+    def put(self, k: int, theta, opt) -> None:
         self._raise_if_failed()
-        # clone: the trainer may reuse its buffers while the row waits in the queue
-        self.queue.put((k, theta.clone(), None if opt is None else opt.clone()))
+        self.queue.put(encode(k, np.asarray(theta), None if opt is None else np.asarray(opt)))
 
-    def _run(self) -> None:
+    def _feed(self) -> None:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write(*item)
-                except BaseException as exc:  # surfaced in the training thread
+                    self.proc.stdin.write(item)
+                except OSError as exc:  # the writer died; its stderr says why
                     self.error = exc
 
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise StoreError(f"writing {self.store.path} failed: {self.error}") from self.error
+        if self.error is not None or (self.proc and self.proc.poll() not in (None, 0)):
+            self.proc.wait()
+            detail = self.proc.stderr.read().decode().strip() or str(self.error)
+            raise StoreError(f"writing {self.store.path} failed: {detail}")
 
-    def __exit__(self, *exc) -> None:
-        self.queue.put(None)
+    def __exit__(self, exc_type, *exc) -> None:
+        self.queue.put(None)  # on an exception too: rows already queued still land
         self.thread.join()
-        self._raise_if_failed()
+        if self.error is None:
+            try:
+                self.proc.stdin.write(encode_end())
+            except OSError as err:
+                self.error = err
+        self.proc.stdin.close()
+        self.proc.wait()
+        if exc_type is None:
+            self._raise_if_failed()

@@ -132,10 +132,10 @@ def train_block(
 
     theta: (|theta|,) float32, P_{k-1}. Returns P_k and the optimizer state after block k.
     """
-    load_flat(model, theta)
+    load_flat(model, torch.as_tensor(theta))
     opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks))
     if opt_state is not None:
-        load_optimizer(opt, model, recipe, opt_state)
+        load_optimizer(opt, model, recipe, torch.as_tensor(opt_state))
     seed = block_seed(recipe.seed, k)
     torch.manual_seed(seed)  # dropout and any other global-RNG use inside the block
     order_rng = torch.Generator().manual_seed(seed)
@@ -217,7 +217,7 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
         extra={"dataset": asdict(trainer.info), "recipe": trainer.recipe.model_dump(mode="json")},
     )
     store = ParamStore.create(path, meta, len(theta), 0 if opt is None else len(opt))
-    store.write(0, theta, opt)
+    store.write(0, theta.numpy(), None if opt is None else opt.numpy())
     return store
 
 
@@ -237,4 +237,4 @@ def stored_training(
             writer.put(k, theta, opt)
             if on_block:
                 on_block(k, trainer.n_blocks)
-    return store
+    return ParamStore.open(cfg.paths.store)  # the writer process changed it

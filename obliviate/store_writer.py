@@ -1,0 +1,102 @@
+"""The store's writer process: ``python -m obliviate.store_writer STORE`` reads rows on stdin.
+
+A separate process, not a thread: compressing and writing a row costs about a millisecond of
+Python in zarr, and in a thread that time is taken from training through the GIL. Imports only
+numpy and zarr, so it starts in well under a second.
+
+Protocol, little-endian: per row a header ``(k, theta_bytes, opt_bytes)`` as three int64, then
+the float32 bytes of P_k and of its optimizer state; ``k = -1`` ends the stream.
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HEADER = struct.Struct("<qqq")
+END = -1
+MAX_SLAB_BYTES = 256 << 20
+FLUSH_SECONDS = 0.5
+
+
+def encode(k: int, theta: np.ndarray, opt: np.ndarray | None) -> bytes:
+    t = np.ascontiguousarray(theta, dtype="<f4").tobytes()
+    o = b"" if opt is None else np.ascontiguousarray(opt, dtype="<f4").tobytes()
+    return HEADER.pack(k, len(t), len(o)) + t + o
+
+
+def encode_end() -> bytes:
+    return HEADER.pack(END, 0, 0)
+
+
+def _read_exact(stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError("the training process went away before ending the stream")
+        buf += chunk
+    return bytes(buf)
+
+
+def serve(store_path: Path, stream, flush_seconds: float = FLUSH_SECONDS) -> None:
+    """Write rows from ``stream`` (an unbuffered binary pipe) until the end marker.
+
+    Rows are buffered and written as one slab when ``flush_seconds`` have passed since the last
+    write, when the buffer is large, or at the end: zarr costs about a millisecond of CPU per
+    chunk written, so batching keeps the writer light. A row still in the buffer at a crash is
+    simply retrained on resume (training is deterministic), since ``completed`` lags behind it.
+    """
+    import numcodecs.blosc
+    import zarr
+
+    from obliviate.store import ParamStore
+
+    # One core for the writer; the others stay with training.
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": 1})
+    store = ParamStore.open(store_path)
+    rows: list = []
+    size, last_flush = 0, time.monotonic()
+
+    def flush() -> None:
+        nonlocal rows, size, last_flush
+        if rows:
+            k0 = rows[0][0]
+            if [r[0] for r in rows] != list(range(k0, k0 + len(rows))):
+                raise ValueError(f"rows arrived out of order: {[r[0] for r in rows]}")
+            opts = None if rows[0][2] is None else np.stack([r[2] for r in rows])
+            store.write_rows(k0, np.stack([r[1] for r in rows]), opts)
+        rows, size, last_flush = [], 0, time.monotonic()
+
+    while True:
+        wait = max(0.0, flush_seconds - (time.monotonic() - last_flush)) if rows else None
+        if select.select([stream], [], [], wait)[0]:
+            k, nt, no = HEADER.unpack(_read_exact(stream, HEADER.size))
+            if k == END:
+                flush()
+                return
+            theta = np.frombuffer(_read_exact(stream, nt), dtype="<f4")
+            opt = np.frombuffer(_read_exact(stream, no), dtype="<f4") if no else None
+            rows.append((k, theta, opt))
+            size += nt + no
+        if rows and (time.monotonic() - last_flush >= flush_seconds or size > MAX_SLAB_BYTES):
+            flush()
+
+
+def main() -> int:
+    try:
+        serve(Path(sys.argv[1]), sys.stdin.buffer.raw)
+    except Exception as exc:
+        print(f"store writer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

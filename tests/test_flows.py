@@ -1,0 +1,65 @@
+"""End to end through the CLI, Prefect (ephemeral local server) and DVC. Slow: tens of seconds."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import zarr
+from conftest import ROOT, SMALL, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, "-m", "obliviate.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def test_pipeline_flow_partitions_trains_and_evaluates(tmp_path):
+    write_params(tmp_path, **SMALL)
+    result = cli("run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert metrics["checkpoint"] == SMALL["prepare"]["blocks"] and 0 < metrics["accuracy"] <= 1
+    params = zarr.open(str(tmp_path / "models" / "store.zarr"), mode="r")["params"]
+    assert params.shape[0] == SMALL["prepare"]["blocks"] + 1
+    info = cli("info", "--json", cwd=tmp_path)
+    assert json.loads(info.stdout)["completed"] == SMALL["prepare"]["blocks"]
+
+
+def test_impossible_partition_fails_the_flow_cleanly_and_writes_nothing(tmp_path):
+    write_params(tmp_path, prepare={"blocks": 500})  # digits has ~140 samples of its rarest class
+    result = cli("partition", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "set prepare.blocks to at most" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "data").exists()
+
+
+def test_dvc_repro_builds_the_default_pipeline(tmp_path):
+    for item in ("dvc.yaml", "obliviate"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    write_params(tmp_path, **SMALL)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # fmt: skip
+    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+
+    def run(*args):
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
+
+    assert run("git", "init", "-q").returncode == 0
+    assert run(dvc, "init", "-q").returncode == 0
+    repro = run(dvc, "repro")
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    status = run(dvc, "status")
+    assert "up to date" in status.stdout, status.stdout
+    shown = run(dvc, "metrics", "show", "--json")
+    assert "accuracy" in shown.stdout

@@ -38,11 +38,15 @@ CASES = {
         "train": {"model": "lenet5"},
     },
     "purchase-mlp": {
-        "prepare": {"dataset": "purchase", "blocks": 200, "source": str(PURCHASE_CSV),
-                    "test_fraction": 0.1},
+        "prepare": {
+            "dataset": "purchase",
+            "blocks": 200,
+            "source": str(PURCHASE_CSV),
+            "test_fraction": 0.1,
+        },
         "train": {"model": "mlp"},
     },
-}  # fmt: skip
+}
 
 
 def case_config(name: str, workdir: Path) -> Config:
@@ -119,8 +123,10 @@ def run_case(name: str, repeats: int, workdir: Path) -> dict | None:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| case | B | |theta| | plain s | stored s | ratio | P store / raw | with optimizer "
-            "state / raw | samples/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        "| case | B | |theta| | plain s | stored s | ratio | P store / raw | with optimizer "
+        "state / raw | samples/s |\n|---|---|---|---|---|---|---|---|---|"
+    )
     rows = [
         f"| {r['case']} | {r['B']} | {r['parameters']:,} "
         f"| {r['plain_s']:.1f} | {r['stored_s']:.1f} "

@@ -17,8 +17,12 @@ def partition_flow(cfg: Config) -> dict:
     blocks = data.partition_blocks(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     data.gate_partition(ds.train.ids, ds.train.y, blocks)
     manifest = data.write_blocks(cfg, ds, blocks)
-    summary = {"dataset": ds.info.name, "blocks": manifest["n_blocks"],
-               "train_samples": manifest["n_samples"], "test_samples": len(ds.test)}  # fmt: skip
+    summary = {
+        "dataset": ds.info.name,
+        "blocks": manifest["n_blocks"],
+        "train_samples": manifest["n_samples"],
+        "test_samples": len(ds.test),
+    }
     training.publish_summary(summary, key="partition")
     return summary
 

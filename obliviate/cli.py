@@ -61,8 +61,10 @@ def partition(params: ParamsOpt = Path("params.yaml")) -> None:
     """Split the training set into B label-balanced blocks under data/ (gated by GX)."""
     cfg, flows = _setup(params)
     summary = flows.partition_flow(cfg)
-    typer.echo(f"partitioned {summary['train_samples']} {summary['dataset']} samples "
-               f"into {summary['blocks']} blocks at {cfg.paths.blocks}")  # fmt: skip
+    typer.echo(
+        f"partitioned {summary['train_samples']} {summary['dataset']} samples "
+        f"into {summary['blocks']} blocks at {cfg.paths.blocks}"
+    )
 
 
 @app.command()
@@ -151,6 +153,112 @@ def info(
     for e in meta["layout"]:
         lay.add_row(e["name"], str(tuple(e["shape"])), str(e["offset"]), e["kind"])
     console.print(lay)
+
+
+@app.command()
+@_user_errors
+def forget(
+    ids: Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Allow emptying a block or removing a whole class.")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Forget samples by id: retrain from their block with the residual-memory stop, stitch."""
+    import time
+
+    from obliviate.errors import RequestError
+    from obliviate.requests import read_request_file
+
+    wanted = list(ids or []) + (read_request_file(file) if file else [])
+    if not wanted:
+        raise RequestError("name the sample ids to forget, or pass --file requests.jsonl.")
+    cfg, _ = _setup(params)
+    import flows.forget
+
+    start = time.perf_counter()
+    r = flows.forget.forget_flow(cfg, wanted, force)
+    deltas = ", ".join(f"{d:.3g}" for d in r["deltas"])
+    typer.echo(
+        f"forgot {len(wanted)} sample(s) in request {r['request_id']}: retrained blocks "
+        f"{r['first_block']}..{r['stop_block']} (t={r['t']}, {r['reason']}) in "
+        f"{time.perf_counter() - start:.1f} s\n  Delta: {deltas}\n"
+        f"  test accuracy of the unlearned model {r['accuracy_after']:.4f}; "
+        f"versioned: {r['versioned']}; plot: {cfg.paths.reports / (r['request_id'] + '.png')}"
+    )
+
+
+@app.command()
+@_user_errors
+def retrain(
+    naive: Annotated[
+        bool, typer.Option("--naive", help="Retrain from scratch (required).")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The naive reference: retrain every block from P_0 without the forgotten samples."""
+    import time
+
+    from obliviate.errors import ObliviateError
+
+    if not naive:
+        raise ObliviateError("only naive retraining exists; run `obliviate retrain --naive`.")
+    cfg, _ = _setup(params)
+    from obliviate.compare import compare_with_naive
+
+    start = time.perf_counter()
+    c = compare_with_naive(cfg)
+    wall = time.perf_counter() - start
+    typer.echo(
+        f"naive retrain of {c['blocks']} blocks in {wall:.1f} s -> {cfg.paths.naive_store}\n"
+        f"  accuracy: naive {c['naive_accuracy']:.4f}, served {c['served_accuracy']:.4f}; "
+        f"consistency(served, naive) {c['consistency']:.4f}"
+    )
+    if c.get("last_deletion_s"):
+        typer.echo(
+            f"  last deletion took {c['last_deletion_s']:.1f} s: "
+            f"speed-up {wall / c['last_deletion_s']:.1f}x over this naive retrain"
+        )
+
+
+@app.command()
+@_user_errors
+def audit(
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the records as JSON lines.")
+    ] = False,
+) -> None:
+    """The deletion history: one line per deletion, hashes only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from obliviate.audit import read_records
+    from obliviate.config import load_config
+
+    records = read_records(load_config(params).paths.audit)
+    if as_json:
+        for r in records:
+            typer.echo(json.dumps(r, sort_keys=True))
+        return
+    table = Table(
+        "request", "finished", "samples", "blocks", "t", "stop", "accuracy", "model after"
+    )
+    for r in records:
+        table.add_row(
+            r["request_id"],
+            r["finished_at"],
+            str(len(r["sample_id_hashes"])),
+            ",".join(map(str, r["blocks"])),
+            str(r["t"]),
+            r["reason"],
+            f"{r['accuracy_after']:.4f}",
+            r["model_after"][:12],
+        )
+    Console().print(table if records else "no deletions yet")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -31,6 +31,10 @@ class PathsConfig(_Section):
     test: Path
     store: Path
     metrics: Path
+    naive_store: Path
+    audit: Path
+    reports: Path
+    state: Path
 
 
 class PrepareConfig(_Section):
@@ -63,11 +67,25 @@ class EvaluateConfig(_Section):
     batch_size: PositiveInt
 
 
+class ForgetConfig(_Section):
+    epsilon: float = Field(gt=0)
+    method: Literal["dfa", "fit"]
+    min_blocks: PositiveInt
+    max_blocks: PositiveInt
+
+    @model_validator(mode="after")
+    def _order(self) -> ForgetConfig:
+        if self.max_blocks < self.min_blocks:
+            raise ValueError("forget.max_blocks must be at least forget.min_blocks")
+        return self
+
+
 class Config(_Section):
     paths: PathsConfig
     prepare: PrepareConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    forget: ForgetConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
 
     @model_validator(mode="after")

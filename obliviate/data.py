@@ -170,11 +170,25 @@ def _torchvision_download(name: str, source: Path) -> None:
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "June", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 _VISITOR = ["New_Visitor", "Returning_Visitor", "Other"]
 PURCHASE_COLUMNS = [
-    "Administrative", "Administrative_Duration", "Informational", "Informational_Duration",
-    "ProductRelated", "ProductRelated_Duration", "BounceRates", "ExitRates", "PageValues",
-    "SpecialDay", "Month", "OperatingSystems", "Browser", "Region", "TrafficType",
-    "VisitorType", "Weekend", "Revenue",
-]  # fmt: skip
+    "Administrative",
+    "Administrative_Duration",
+    "Informational",
+    "Informational_Duration",
+    "ProductRelated",
+    "ProductRelated_Duration",
+    "BounceRates",
+    "ExitRates",
+    "PageValues",
+    "SpecialDay",
+    "Month",
+    "OperatingSystems",
+    "Browser",
+    "Region",
+    "TrafficType",
+    "VisitorType",
+    "Weekend",
+    "Revenue",
+]
 
 
 def _load_purchase(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:

@@ -19,3 +19,7 @@ class PartitionError(ObliviateError):
 
 class StoreError(ObliviateError):
     """The parameter store is missing, incomplete or was built with other params."""
+
+
+class RequestError(ObliviateError):
+    """A deletion request names unknown, duplicated or already forgotten samples, or is unsafe."""

@@ -24,17 +24,23 @@ class LeNet5(nn.Module):
         c, h, w = in_shape
         pad2 = 2 if min(h, w) < 16 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (6, h/2, w/2)
-            nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2),  # (16, h', w')
-        )  # fmt: skip
+            nn.Conv2d(c, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (6, h/2, w/2)
+            nn.Conv2d(6, 16, 5, padding=pad2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (16, h', w')
+        )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, c, h, w)).numel()
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(flat, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(flat, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
             nn.Linear(84, n_classes),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
         return self.classifier(self.features(x))
@@ -50,8 +56,10 @@ def build_model(
             nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
         )
     if len(input_shape) != 3:
-        raise ConfigError(f"{name} needs image inputs, but the data has shape {input_shape}; "
-                          "use train.model: mlp.")  # fmt: skip
+        raise ConfigError(
+            f"{name} needs image inputs, but the data has shape {input_shape}; "
+            "use train.model: mlp."
+        )
     if name == "lenet5":
         return LeNet5(input_shape, n_classes)  # type: ignore[arg-type]
     return _torchvision_model(name, input_shape, n_classes)
@@ -72,8 +80,10 @@ def _torchvision_model(name: str, input_shape: tuple[int, ...], n_classes: int) 
         return net
     if name == "vgg11":
         if min(h, w) < 32:
-            raise ConfigError(f"vgg11 needs inputs of at least 32x32, but the data is {h}x{w}; "
-                              "use train.model: lenet5.")  # fmt: skip
+            raise ConfigError(
+                f"vgg11 needs inputs of at least 32x32, but the data is {h}x{w}; "
+                "use train.model: lenet5."
+            )
         net = models.vgg11(weights=None, num_classes=n_classes)
         if c != 3:
             net.features[0] = nn.Conv2d(c, 64, 3, padding=1)
@@ -104,8 +114,9 @@ def layout(model: nn.Module) -> list[Entry]:
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
             continue
-        entries.append(Entry(name, tuple(t.shape), offset, t.numel(),
-                             "param" if name in params else "buffer"))  # fmt: skip
+        entries.append(
+            Entry(name, tuple(t.shape), offset, t.numel(), "param" if name in params else "buffer")
+        )
         offset += t.numel()
     return entries
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def balanced_partition(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.
     return [rng.permutation(sequence[owner == b]) for b in range(n_blocks)]
 
 
+def without_forgotten(dataset: Dataset, forgotten: set[str]) -> Dataset:
+    """Drop samples whose id hash the audit lists, so a re-partition cannot resurrect them."""
+    from obliviate.audit import id_hash
+
+    if not forgotten:
+        return dataset
+    keep = np.array([id_hash(i) not in forgotten for i in dataset.train.ids])
+    return Dataset(dataset.info, dataset.train.take(keep), dataset.test)
+
+
 def block_file(k: int) -> str:
     return f"block_{k:04d}.npz"
 
@@ -59,6 +70,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez with fixed zip timestamps: equal arrays give equal bytes, hence equal hashes
+    (DVC sees no change when a block is rewritten with the same contents)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
 def write_blocks(
@@ -74,7 +95,7 @@ def write_blocks(
         entries = []
         for k, idx in enumerate(blocks, start=1):
             s = dataset.train.take(idx)
-            np.savez(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x)
+            save_npz(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x)
             entries.append(
                 {"file": block_file(k), "n": len(idx), "sha256": _sha256(tmp / block_file(k))}
             )
@@ -88,7 +109,7 @@ def write_blocks(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         test_tmp = test_path.with_name(f".{test_path.name}.tmp.npz")
-        np.savez(test_tmp, ids=dataset.test.ids, y=dataset.test.y, x=dataset.test.x)
+        save_npz(test_tmp, ids=dataset.test.ids, y=dataset.test.y, x=dataset.test.x)
         _replace_dir(tmp, out_dir)
         os.replace(test_tmp, test_path)
     except BaseException:

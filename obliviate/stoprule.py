@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_DFA_POINTS = 4
+MIN_DFA_POINTS = 5  # DFA needs windows of 3 and 4 points
 
 
 @dataclass(frozen=True)
@@ -32,21 +32,18 @@ class Fit:
 
 
 def dfa_exponent(series: np.ndarray) -> float:
-    """DFA exponent of a short series; nvals spans window sizes 2..n/2 (at least 2 windows)."""
+    """DFA exponent (nolds, linear detrending) of a short series.
+
+    Windows run from 3 points (2 are always fitted exactly by a line) to half the series.
+    """
     with warnings.catch_warnings():  # nolds 0.6.2 imports the deprecated pkg_resources
         warnings.simplefilter("ignore")
         import nolds
 
-    n = len(series)
-    nvals = sorted(
-        {v for v in np.unique(np.linspace(2, max(2, n // 2), num=6).astype(int)) if v >= 2}
-    )
-    if len(nvals) < 2:
-        nvals = [2, 3]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        n = len(series)
+        nvals = sorted({int(v) for v in np.linspace(3, max(4, n // 2), num=6)})
         h = float(nolds.dfa(np.asarray(series, dtype=float), nvals=nvals, overlap=True, order=1))
-    return h if math.isfinite(h) else 1.0
+    return float(np.clip(h, 0.05, 10.0)) if math.isfinite(h) else 1.0
 
 
 def fit_power_law(deltas: np.ndarray, method: str = "dfa") -> Fit:
@@ -62,9 +59,13 @@ def fit_power_law(deltas: np.ndarray, method: str = "dfa") -> Fit:
         if method == "fit":
             try:
                 (a, h, b), _ = curve_fit(
-                    lambda x, a, h, b: a * x**-h + b, x, y, p0=(1.0, max(h, 0.1), 0.0),
-                    bounds=([-np.inf, 0.0, -np.inf], [np.inf, 10.0, np.inf]), maxfev=2000,
-                )  # fmt: skip
+                    lambda x, a, h, b: a * x**-h + b,
+                    x,
+                    y,
+                    p0=(1.0, max(h, 0.1), 0.0),
+                    bounds=([-np.inf, 0.0, -np.inf], [np.inf, 10.0, np.inf]),
+                    maxfev=2000,
+                )
             except RuntimeError:  # no convergence: fall back to the DFA exponent
                 method = "dfa"
         if method == "dfa":

@@ -65,9 +65,13 @@ class ParamStore:
             if width == 0:
                 continue
             group.create_array(
-                name, shape=(rows, width), dtype="float32",
-                chunks=(1, min(width, MAX_CHUNK_ELEMS)), compressors=[_codec()], fill_value=0.0,
-            )  # fmt: skip
+                name,
+                shape=(rows, width),
+                dtype="float32",
+                chunks=(1, min(width, MAX_CHUNK_ELEMS)),
+                compressors=[_codec()],
+                fill_value=0.0,
+            )
         group["params"].attrs["obliviate"] = {"format": FORMAT, **meta.__dict__}
         return cls(path)
 
@@ -105,9 +109,75 @@ class ParamStore:
 
     # ------------------------------------------------------------------ rows
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""
+        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none).
+
+        P_k is the row as the consistent store defines it: the stored row plus every stitching
+        shift whose ranges cover k (see ``apply_deletion``).
+        """
         opt = self.optimizer[k] if self.optimizer is not None else None
-        return self.params[k], opt
+        theta = self.params[k]
+        covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
+        if covering:
+            shifts = self.group["shifts"]
+            total = theta.astype(np.float64)
+            for i in covering:
+                total += shifts[i]
+            theta = total.astype(np.float32)
+        return theta, opt
+
+    # ------------------------------------------------------------------ deletions
+    def apply_deletion(
+        self,
+        request_id: str,
+        k0: int,
+        thetas: np.ndarray,
+        opts: np.ndarray | None,
+        served: np.ndarray,
+        shift: np.ndarray | None,
+        fingerprint: str,
+    ) -> None:
+        """Install a deletion's retrained rows; idempotent, so a crash can be redone.
+
+        thetas: (n, |theta|) P'_{k0}..P'_{k0+n-1}, the retrained rows, stored exactly.
+        served: the stitched model M', stored as the last row P_B.
+        shift: P'_{d+t} - P_{d+t} (float64), applied lazily to rows d+t+1..B-1: they are not
+        rewritten (at ResNet-50 scale that would take minutes); ``read`` adds the shift.
+        """
+        n_blocks, stop = self.n_blocks, k0 + len(thetas) - 1
+        self.params[k0 : stop + 1] = thetas
+        if self.optimizer is not None:
+            self.optimizer[k0 : stop + 1] = opts
+        self.params[n_blocks] = served
+        meta = self.meta
+        shifts = [s for s in meta.get("shifts", []) if s["request"] != request_id]
+        for s in shifts:  # the rewritten rows are exact now: no older shift applies to them
+            s["ranges"] = _remove_range(s["ranges"], k0, stop)
+        if shift is not None and stop + 1 <= n_blocks - 1:
+            index = len(shifts)
+            arr = self.group.get("shifts")
+            if arr is None:
+                arr = self.group.create_array(
+                    "shifts",
+                    shape=(0, len(shift)),
+                    dtype="float64",
+                    chunks=(1, min(len(shift), MAX_CHUNK_ELEMS)),
+                    compressors=[_codec()],
+                )
+            if arr.shape[0] <= index:
+                arr.resize((index + 1, len(shift)))
+            arr[index] = shift
+            shifts.append(
+                {"request": request_id, "index": index, "ranges": [[stop + 1, n_blocks - 1]]}
+            )
+        self.params.attrs["obliviate"] = {**meta, "shifts": shifts, "fingerprint": fingerprint}
+
+    def files_for_rows(self, rows: list[int]) -> list[Path]:
+        """The files that hold these rows (chunks of params and optimizer) plus the metadata."""
+        out = [self.path / "zarr.json", self.path / "params" / "zarr.json"]
+        for name in ("params", "optimizer"):
+            for k in rows:
+                out.extend(sorted((self.path / name / "c" / str(k)).glob("*")))
+        return [p for p in out if p.is_file()]
 
     def write(self, k: int, theta: np.ndarray, opt: np.ndarray | None) -> None:
         self.write_rows(k, np.asarray(theta)[None], None if opt is None else np.asarray(opt)[None])
@@ -130,6 +200,23 @@ class ParamStore:
     def nbytes_raw(self) -> int:
         arrays = [self.params] + ([self.optimizer] if self.optimizer is not None else [])
         return int(sum(np.prod(a.shape) * 4 for a in arrays))
+
+
+def _covers(ranges: list[list[int]], k: int) -> bool:
+    return any(lo <= k <= hi for lo, hi in ranges)
+
+
+def _remove_range(ranges: list[list[int]], lo: int, hi: int) -> list[list[int]]:
+    out = []
+    for a, b in ranges:
+        if b < lo or a > hi:
+            out.append([a, b])
+            continue
+        if a < lo:
+            out.append([a, lo - 1])
+        if b > hi:
+            out.append([hi + 1, b])
+    return out
 
 
 class RowWriter:

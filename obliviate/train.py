@@ -8,6 +8,7 @@ replay of block k from the stored P_{k-1} reproduces P_k bit for bit (same machi
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from obliviate.config import Config, TrainConfig
-from obliviate.data import DatasetInfo
+from obliviate.data import DatasetInfo, Samples
 from obliviate.errors import StoreError
 from obliviate.models import build_model, flatten, layout, load_flat
 from obliviate.partition import dataset_info, load_block, read_manifest
@@ -68,8 +69,9 @@ def optimizer_layout(model: nn.Module, recipe: TrainConfig) -> list[dict]:
 
 def make_optimizer(model: nn.Module, recipe: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay)  # fmt: skip
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
     cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
     return cls(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
 
@@ -171,8 +173,14 @@ class Trainer:
         configure_determinism(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # P_0 depends on the seed alone
         model = build_model(cfg.train.model, info.input_shape, info.n_classes, cfg.train.hidden)
-        return cls(model, cfg.train, info, cfg.paths.blocks, manifest["n_blocks"],
-                   make_inputs(info, cfg.train.image_size))  # fmt: skip
+        return cls(
+            model,
+            cfg.train,
+            info,
+            cfg.paths.blocks,
+            manifest["n_blocks"],
+            make_inputs(info, cfg.train.image_size),
+        )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P_0 (the model as built from the seed) and a zero optimizer state."""
@@ -180,16 +188,31 @@ class Trainer:
         return flatten(self.model), (torch.zeros(n_opt) if n_opt else None)
 
     def run_block(self, k: int, theta, opt_state):
-        block = load_block(self.blocks_dir, k)
-        return train_block(self.model, theta, opt_state, block.x, block.y, self.recipe, k,
-                           self.n_blocks, self.to_inputs)  # fmt: skip
+        return self.train_samples(k, theta, opt_state, load_block(self.blocks_dir, k))
+
+    def train_samples(self, k: int, theta, opt_state, block: Samples):
+        """Train block k's recipe (seed, lr) on ``block``: the stored block or a reduced one."""
+        return train_block(
+            self.model,
+            theta,
+            opt_state,
+            block.x,
+            block.y,
+            self.recipe,
+            k,
+            self.n_blocks,
+            self.to_inputs,
+        )
+
+
+def fingerprint_for(cfg: Config, manifest: dict) -> str:
+    """What a store depends on: the prepare and train params and the blocks' contents."""
+    blocks = hashlib.sha256("".join(b["sha256"] for b in manifest["blocks"]).encode()).hexdigest()
+    return f"{cfg.fingerprint('prepare', 'train')}:{blocks}"
 
 
 def store_fingerprint(cfg: Config) -> str:
-    """What a store depends on: the prepare and train params and the blocks' contents."""
-    manifest = read_manifest(cfg.paths.blocks)
-    blocks = "".join(b["sha256"] for b in manifest["blocks"])
-    return f"{cfg.fingerprint('prepare', 'train')}:{blocks}"
+    return fingerprint_for(cfg, read_manifest(cfg.paths.blocks))
 
 
 def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> ParamStore:

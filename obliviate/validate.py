@@ -36,9 +36,11 @@ def partition_tables(ids: np.ndarray, labels: np.ndarray, blocks: list[np.ndarra
     sizes = pd.DataFrame({"block": np.arange(1, n_blocks + 1), "size": [len(b) for b in blocks]})
     classes, class_n = np.unique(labels, return_counts=True)
     counts = (
-        samples.groupby(["block", "label"]).size().unstack(fill_value=0)
+        samples.groupby(["block", "label"])
+        .size()
+        .unstack(fill_value=0)
         .reindex(index=sizes["block"], columns=classes, fill_value=0)
-    )  # fmt: skip
+    )
     balance = counts.stack().rename("count").reset_index()
     balance.columns = ["block", "label", "count"]
     ideal = dict(zip(classes, class_n / n_blocks, strict=True))

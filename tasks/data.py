@@ -6,6 +6,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from obliviate import data, partition, validate
+from obliviate.audit import forgotten_hashes
 from obliviate.config import Config
 from tasks import NO_CACHE, retry_unless_user_error
 
@@ -13,6 +14,8 @@ from tasks import NO_CACHE, retry_unless_user_error
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, **NO_CACHE)
 def load_dataset(cfg: Config) -> data.Dataset:
     ds = data.load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
+    # Samples forgotten earlier stay forgotten when the blocks are rebuilt from the source.
+    ds = partition.without_forgotten(ds, forgotten_hashes(cfg.paths.audit))
     get_run_logger().info(
         "loaded %s: %d train, %d test samples, %d classes",
         ds.info.name,

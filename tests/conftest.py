@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "prepare": {"blocks": 6},
     "train": {"epochs": 1, "batch_size": 32},
+    "forget": {"min_blocks": 2, "max_blocks": 6},
+}
+# For deletions: enough blocks that the stop rule can stop before the end.
+FORGET = {
+    "prepare": {"blocks": 12},
+    "train": {"epochs": 1, "batch_size": 32},
+    "forget": {"min_blocks": 4, "max_blocks": 8, "epsilon": 0.05},
 }
 
 
@@ -34,14 +41,6 @@ def small_cfg(tmp_path: Path) -> Config:
     return load_config(write_params(tmp_path, **SMALL))
 
 
-def merged(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = {**out.get(k, {}), **v}
-    return out
-
-
 @pytest.fixture
 def prepared(small_cfg: Config) -> Config:
     """small_cfg with its blocks and test set written (no Prefect, no GX)."""
@@ -56,3 +55,14 @@ def prepare(cfg: Config) -> None:
     ds = load_dataset(cfg.prepare, cfg.root)
     blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, cfg.prepare.model_dump(mode="json"))
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> Config:
+    """A digits workspace with blocks and a complete store, ready for deletions (no DVC)."""
+    from obliviate.train import stored_training
+
+    cfg = load_config(write_params(tmp_path, **FORGET))
+    prepare(cfg)
+    stored_training(cfg)
+    return cfg

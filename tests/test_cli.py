@@ -5,8 +5,13 @@ from conftest import ROOT, write_params
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "obliviate.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "obliviate.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_help_does_not_import_heavy_libraries():

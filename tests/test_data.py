@@ -55,8 +55,26 @@ def write_purchase(path, n=40, header=PURCHASE_COLUMNS):
     rows = [",".join(header)]
     for i in range(n):
         label = "TRUE" if i % 4 == 0 else "FALSE"
-        vals = [str(i % 5), "1.5", "0", "0", str(i), "12.0", "0.01", "0.02", "0", "0", "Nov",
-                "1", "2", "3", "4", "Returning_Visitor", "FALSE", label]  # fmt: skip
+        vals = [
+            str(i % 5),
+            "1.5",
+            "0",
+            "0",
+            str(i),
+            "12.0",
+            "0.01",
+            "0.02",
+            "0",
+            "0",
+            "Nov",
+            "1",
+            "2",
+            "3",
+            "4",
+            "Returning_Visitor",
+            "FALSE",
+            label,
+        ]
         rows.append(",".join(vals))
     path.write_text("\n".join(rows) + "\n")
 

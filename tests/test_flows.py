@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 def cli(*args, cwd):
     env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect")}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "obliviate.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "obliviate.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_pipeline_flow_partitions_trains_and_evaluates(tmp_path):
@@ -47,13 +53,18 @@ def test_dvc_repro_builds_the_default_pipeline(tmp_path):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
     write_params(tmp_path, **SMALL)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / ".prefect"),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
     dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
 
     def run(*args):
-        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=900)  # fmt: skip
+        return subprocess.run(
+            args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
 
     assert run("git", "init", "-q").returncode == 0
     assert run(dvc, "init", "-q").returncode == 0

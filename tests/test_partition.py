@@ -60,3 +60,15 @@ def test_written_blocks_hold_the_samples(prepared):
         ids.extend(block.ids)
     assert len(ids) == len(set(ids)) == manifest["n_samples"]
     assert all(i.startswith("digits:") for i in ids)
+
+
+def test_forgotten_samples_stay_out_of_a_new_partition(small_cfg):
+    from obliviate.audit import id_hash
+    from obliviate.data import load_dataset
+    from obliviate.partition import without_forgotten
+
+    ds = load_dataset(small_cfg.prepare, small_cfg.root)
+    gone = {id_hash(str(i)) for i in ds.train.ids[:3]}
+    kept = without_forgotten(ds, gone)
+    assert len(kept.train) == len(ds.train) - 3
+    assert not set(ds.train.ids[:3]) & set(kept.train.ids)

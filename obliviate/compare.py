@@ -1,0 +1,43 @@
+"""Naive unlearning, the reference: retrain all blocks from P_0 on the current (reduced) blocks
+with the same recipe and seeds, then compare with the served model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from obliviate.audit import read_records
+from obliviate.config import Config
+from obliviate.evaluate import predict
+from obliviate.models import load_flat
+from obliviate.partition import load_samples
+from obliviate.store import ParamStore
+from obliviate.train import Trainer, stored_training
+
+
+def naive_config(cfg: Config) -> Config:
+    paths = cfg.paths.model_copy(update={"store": cfg.paths.naive_store})
+    return cfg.model_copy(update={"paths": paths})
+
+
+def predictions(cfg: Config, trainer: Trainer, theta: np.ndarray) -> np.ndarray:
+    test = load_samples(cfg.paths.test)
+    load_flat(trainer.model, torch.as_tensor(theta))
+    return predict(trainer.model, test.x, trainer.to_inputs, cfg.evaluate.batch_size)
+
+
+def compare_with_naive(cfg: Config) -> dict:
+    naive = stored_training(naive_config(cfg), overwrite=True)
+    served = ParamStore.open(cfg.paths.store)
+    trainer = Trainer.from_config(cfg)
+    y = load_samples(cfg.paths.test).y
+    p_naive = predictions(cfg, trainer, naive.read(naive.n_blocks)[0])
+    p_served = predictions(cfg, trainer, served.read(served.n_blocks)[0])
+    records = read_records(cfg.paths.audit)
+    return {
+        "blocks": naive.n_blocks,
+        "naive_accuracy": float((p_naive == y).mean()),
+        "served_accuracy": float((p_served == y).mean()),
+        "consistency": float((p_naive == p_served).mean()),
+        "last_deletion_s": records[-1]["timings_s"]["compute"] if records else None,
+    }

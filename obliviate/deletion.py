@@ -1,0 +1,95 @@
+"""A deletion end to end: validate, journal, retrain with the stop rule, stage, apply.
+
+The Prefect forget flow runs the same steps as tasks; ``forget`` here is the plain-Python path
+(used by recovery and the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from obliviate import transaction as txn
+from obliviate.audit import id_hash
+from obliviate.config import Config
+from obliviate.evaluate import accuracy
+from obliviate.faults import crashpoint
+from obliviate.forget import sweep
+from obliviate.partition import read_manifest
+from obliviate.plots import plot_deltas
+from obliviate.requests import plan_deletion
+from obliviate.stoprule import StopRule
+from obliviate.store import ParamStore
+from obliviate.train import Trainer
+
+
+def model_hash(theta: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(theta, dtype="<f4").tobytes()).hexdigest()
+
+
+def stop_rule(cfg: Config) -> StopRule:
+    f = cfg.forget
+    return StopRule(f.epsilon, f.min_blocks, f.max_blocks, f.method)
+
+
+def compute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
+    """Retrain, stitch, evaluate and stage one deletion (nothing visible changes yet)."""
+    start = time.time()
+    plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    store = ParamStore.open(cfg.paths.store)
+    store.require_complete()
+    trainer = Trainer.from_config(cfg)
+    before, _ = store.read(store.n_blocks)
+    manifest = read_manifest(cfg.paths.blocks)
+    result = sweep(trainer, store, plan, stop_rule(cfg))
+    crashpoint("after_retrain")
+    n_test_acc = accuracy(trainer, result.served, cfg)
+    rows = list(range(result.first, result.stop + 1))
+    superseded = [txn.md5_of(f) for f in txn.superseded_files(cfg, store, sorted(plan), rows)]
+    png = plot_deltas(result, cfg.forget.epsilon, Path(tempfile.mkdtemp()) / "delta.png")
+    record = {
+        "request_id": request_id,
+        "sample_id_hashes": sorted(id_hash(i) for i in ids),
+        "blocks": sorted(plan),
+        "epsilon": cfg.forget.epsilon,
+        "method": cfg.forget.method,
+        **{k: v for k, v in result.summary().items() if not k.endswith("_seconds")},
+        "timings_s": {
+            "retrain": result.train_seconds,
+            "sweep": result.total_seconds,
+            "compute": time.time() - start,
+        },
+        "model_before": model_hash(before),
+        "model_after": model_hash(result.served),
+        "blocks_before": {str(k): manifest["blocks"][k - 1]["sha256"] for k in sorted(plan)},
+        "accuracy_after": n_test_acc,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    metrics = {"accuracy": n_test_acc, "n_test": _n_test(cfg), "checkpoint": store.n_blocks}
+    return txn.stage(cfg, request_id, result, record, metrics, superseded, png)
+
+
+def _n_test(cfg: Config) -> int:
+    with np.load(cfg.paths.test, allow_pickle=False) as z:
+        return len(z["y"])
+
+
+def execute(cfg: Config, entry: dict) -> dict:
+    """Compute and apply a journaled request."""
+    compute(cfg, entry["request_id"], entry["ids"], entry["force"])
+    return txn.apply(cfg, entry["request_id"])
+
+
+def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
+    """Forget samples by id: one crash-safe deletion, serialised with every other writer."""
+    state = txn.State.of(cfg)
+    with state.lock():
+        txn.recover(cfg, execute)
+        plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse before journaling
+        request_id = txn.new_request_id()
+        txn.journal_request(state, request_id, ids, force)
+        return execute(cfg, {"request_id": request_id, "ids": ids, "force": force})

@@ -1,0 +1,119 @@
+"""DeepObliviate's deletion (paper Algorithm 1): retrain with the residual-memory stop, stitch.
+
+``sweep`` is pure with respect to the workspace: it reads the store and the blocks and returns
+the new rows, the new blocks and the stitched model in memory. ``obliviate.transaction`` makes
+them durable atomically.
+
+For a request touching blocks d <= ... <= d_last, one sweep starts from P_{d-1} and removes each
+sample when its block is reached; the stop rule looks at Delta from d_last on (x = 1 at d_last).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from obliviate.data import Samples
+from obliviate.faults import crashpoint
+from obliviate.partition import load_block
+from obliviate.stoprule import StopRule
+from obliviate.store import ParamStore
+from obliviate.train import Trainer
+
+
+@dataclass
+class Sweep:
+    first: int  # d: the first affected block
+    last_affected: int  # d_last
+    stop: int  # d + t: the last retrained block
+    deltas: list[float]  # Delta_k for k = d..stop
+    fits: list[dict]  # per step from d_last on: n, h, a, b, slope
+    reason: str  # why retraining stopped
+    thetas: np.ndarray  # (stop-d+1, |theta|) float32 P'_d..P'_stop
+    opts: np.ndarray | None  # matching optimizer states
+    served: np.ndarray  # M' = P'_stop + (P_B - P_stop), float32
+    shift: np.ndarray | None  # P'_stop - P_stop (float64); None when stop == B
+    new_blocks: dict[int, Samples] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def t(self) -> int:
+        return self.stop - self.first
+
+    def summary(self) -> dict:
+        return {
+            "first_block": self.first,
+            "last_affected_block": self.last_affected,
+            "stop_block": self.stop,
+            "t": self.t,
+            "retrained_blocks": self.stop - self.first + 1,
+            "reason": self.reason,
+            "deltas": self.deltas,
+            "fits": self.fits,
+            "train_seconds": self.train_seconds,
+            "total_seconds": self.total_seconds,
+        }
+
+
+def l1_update_distance(old_prev, old_cur, new_prev, new_cur) -> float:
+    """Delta_k = ||(P_k - P_{k-1}) - (P'_k - P'_{k-1})||_1, in float64."""
+    f = np.float64
+    return float(np.abs((old_cur.astype(f) - old_prev) - (new_cur.astype(f) - new_prev)).sum())
+
+
+def sweep(trainer: Trainer, store: ParamStore, plan: dict[int, list[str]], rule: StopRule) -> Sweep:
+    """Retrain from the first affected block until the stop rule fires; stitch M'."""
+    start = time.perf_counter()
+    first, last, n_blocks = min(plan), max(plan), store.n_blocks
+    new_prev, opt = store.read(first - 1)
+    old_prev = new_prev
+    deltas, fits, thetas, opts, new_blocks = [], [], [], [], {}
+    train_s, reason, k = 0.0, "end_of_store", first
+    for k in range(first, n_blocks + 1):
+        block = load_block(trainer.blocks_dir, k)
+        if k in plan:
+            block = block.take(~np.isin(block.ids, plan[k]))
+            new_blocks[k] = block
+        t0 = time.perf_counter()
+        theta, opt = trainer.train_samples(k, new_prev, opt, block)
+        train_s += time.perf_counter() - t0
+        theta, opt = theta.numpy(), None if opt is None else opt.numpy()
+        old_cur, _ = store.read(k)
+        deltas.append(l1_update_distance(old_prev, old_cur, new_prev, theta))
+        thetas.append(theta)
+        opts.append(opt)
+        crashpoint("during_retrain")
+        new_prev, old_prev = theta, old_cur
+        if k >= last:
+            stop, why, fit = rule.decide(deltas[last - first :])
+            if fit is not None:
+                fits.append({"n": k - last + 1, **asdict(fit)})
+            if stop:
+                reason = why
+                break
+    stop_k = k
+    if stop_k == n_blocks:
+        served, shift = new_prev, None
+    else:
+        old_stop = old_prev.astype(np.float64)
+        shift = new_prev.astype(np.float64) - old_stop
+        final, _ = store.read(n_blocks)
+        served = (final.astype(np.float64) + shift).astype(np.float32)  # P'_stop + (P_B - P_stop)
+    return Sweep(
+        first=first,
+        last_affected=last,
+        stop=stop_k,
+        deltas=deltas,
+        fits=fits,
+        reason=reason,
+        thetas=np.stack(thetas),
+        opts=None if opts[0] is None else np.stack(opts),
+        served=served,
+        shift=shift,
+        new_blocks=new_blocks,
+        train_seconds=train_s,
+        total_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,105 @@
+"""Deletion requests: parse, validate against the blocks and the audit, and plan by block.
+
+Nothing changes until a request passes every check here. Requests carry sample ids only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from obliviate.audit import forgotten_hashes, id_hash
+from obliviate.errors import RequestError
+from obliviate.partition import read_manifest
+
+
+def read_request_file(path: Path) -> list[str]:
+    """Ids from a JSON-lines file: each line a string or an object with an "id" key."""
+    if not path.is_file():
+        raise RequestError(f"{path} does not exist; pass a JSON-lines file of sample ids.")
+    ids = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise RequestError(f"{path}:{n} is not valid JSON; write one id per line.") from None
+        sid = item.get("id") if isinstance(item, dict) else item
+        if not isinstance(sid, str) or not sid:
+            raise RequestError(f'{path}:{n} has no sample id; write "id" or {{"id": "id"}}.')
+        ids.append(sid)
+    if not ids:
+        raise RequestError(f"{path} holds no sample ids; add one per line.")
+    return ids
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    ids: np.ndarray  # (N,) every sample id in the blocks
+    block: np.ndarray  # (N,) its block, 1-based
+    label: np.ndarray  # (N,)
+
+    @classmethod
+    def of(cls, blocks_dir: Path) -> SampleIndex:
+        n_blocks = read_manifest(blocks_dir)["n_blocks"]
+        ids, blocks, labels = [], [], []
+        for k in range(1, n_blocks + 1):
+            with np.load(blocks_dir / f"block_{k:04d}.npz", allow_pickle=False) as z:
+                ids.append(z["ids"])
+                labels.append(z["y"])
+            blocks.append(np.full(len(ids[-1]), k))
+        return cls(np.concatenate(ids), np.concatenate(blocks), np.concatenate(labels))
+
+
+def plan_deletion(
+    ids: list[str], blocks_dir: Path, audit_path: Path, force: bool = False
+) -> dict[int, list[str]]:
+    """Validate a request and group its ids by block: {block: [ids]}; RequestError if unsafe."""
+    if not ids:
+        raise RequestError("the request names no sample ids; pass at least one.")
+    dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
+    if dupes:
+        raise RequestError(f"the request repeats {_names(dupes)}; name each sample once.")
+    gone = forgotten_hashes(audit_path)
+    already = [i for i in ids if id_hash(i) in gone]
+    if already:
+        raise RequestError(f"{_names(already)} already forgotten; drop them from the request.")
+    index = SampleIndex.of(blocks_dir)
+    pos = {sid: i for i, sid in enumerate(index.ids)}
+    unknown = [i for i in ids if i not in pos]
+    if unknown:
+        raise RequestError(
+            f"unknown sample id(s) {_names(unknown)}; check the ids (see the blocks)."
+        )
+    rows = np.array([pos[i] for i in ids])
+    if not force:
+        _refuse_unsafe(index, rows)
+    plan: dict[int, list[str]] = {}
+    for sid, r in zip(ids, rows, strict=True):
+        plan.setdefault(int(index.block[r]), []).append(sid)
+    return dict(sorted(plan.items()))
+
+
+def _refuse_unsafe(index: SampleIndex, rows: np.ndarray) -> None:
+    removed_per_block = Counter(index.block[rows].tolist())
+    sizes = Counter(index.block.tolist())
+    emptied = sorted(b for b, n in removed_per_block.items() if n >= sizes[b])
+    if emptied:
+        raise RequestError(f"the request would empty block(s) {emptied}; pass --force to allow it.")
+    removed_per_class = Counter(index.label[rows].tolist())
+    totals = Counter(index.label.tolist())
+    wiped = sorted(int(c) for c, n in removed_per_class.items() if n >= totals[c])
+    if wiped:
+        raise RequestError(
+            f"the request would remove every sample of class(es) {wiped}; pass --force to allow it."
+        )
+
+
+def _names(ids: list[str], limit: int = 5) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")

@@ -1,0 +1,293 @@
+"""Crash-safe deletions: a request journal, a staged redo record, and an idempotent apply.
+
+    <state>/requests/<id>.json   the accepted request (ids), until it is done
+    <state>/staging/<id>/        everything the deletion will write, complete before it counts
+    <state>/writer.lock          one writer at a time (an OS file lock: a killed holder frees it)
+
+A deletion is (1) journaled, (2) computed in memory (obliviate.forget.sweep), (3) staged in a
+temporary folder that is renamed into place when complete: the commit point, then (4) applied:
+store rows, block files, manifest, metrics, audit record, DVC/git commit, purge of superseded
+DVC cache objects. Every apply step is idempotent. On the next run ``recover`` re-applies a
+complete staging folder, drops an incomplete one and re-runs journaled requests, so SIGKILL at
+any point leaves the old state or, after recovery, the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from obliviate import audit
+from obliviate.config import Config
+from obliviate.faults import crashpoint
+from obliviate.partition import MANIFEST, block_file, read_manifest, save_npz
+
+
+@dataclass(frozen=True)
+class State:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> State:
+        return cls(cfg.paths.state)
+
+    @property
+    def requests(self) -> Path:
+        return self.root / "requests"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    def lock(self, timeout: float = -1):
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / "writer.lock"), timeout=timeout)
+
+    def pending(self) -> list[dict]:
+        if not self.requests.is_dir():
+            return []
+        entries = [json.loads(p.read_text()) for p in sorted(self.requests.glob("*.json"))]
+        return [e for e in entries if e["status"] == "accepted"]
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def new_request_id() -> str:
+    return f"del-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def journal_request(state: State, request_id: str, ids: list[str], force: bool) -> None:
+    entry = {
+        "request_id": request_id,
+        "ids": ids,
+        "force": force,
+        "status": "accepted",
+        "submitted_at": time.time(),
+    }
+    _write_json_atomic(state.requests / f"{request_id}.json", entry)
+
+
+def finish_request(state: State, request_id: str) -> None:
+    """Mark done and drop the ids from the journal: only the audit's hashes remain."""
+    path = state.requests / f"{request_id}.json"
+    if path.is_file():
+        entry = json.loads(path.read_text())
+        entry.update(status="done", ids=[], finished_at=time.time())
+        _write_json_atomic(path, entry)
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def md5_of(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage(
+    cfg: Config,
+    request_id: str,
+    sweep,
+    record: dict,
+    metrics: dict,
+    superseded_md5: list[str],
+    png: Path | None,
+) -> dict:
+    """Write the redo record of a computed deletion; its final rename is the commit point.
+
+    The new manifest and store fingerprint are derived here from the staged block files, so the
+    record states exactly what ``apply`` will install. Returns the staged transaction.
+    """
+    from obliviate.train import fingerprint_for
+
+    state = State.of(cfg)
+    tmp = state.staging / f".tmp-{request_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "blocks").mkdir(parents=True)
+    arrays = {
+        "thetas": sweep.thetas,
+        "opts": sweep.opts,
+        "served": sweep.served,
+        "shift": sweep.shift,
+    }
+    np.savez(tmp / "rows.npz", **{k: v for k, v in arrays.items() if v is not None})
+    manifest = read_manifest(cfg.paths.blocks)
+    entries = {b["file"]: dict(b) for b in manifest["blocks"]}
+    removed = 0
+    for k, s in sweep.new_blocks.items():
+        path = tmp / "blocks" / block_file(k)
+        save_npz(path, ids=s.ids, y=s.y, x=s.x)
+        removed += entries[block_file(k)]["n"] - len(s.ids)
+        entries[block_file(k)].update(n=len(s.ids), sha256=audit.file_sha256(path))
+    manifest["blocks"] = [entries[b["file"]] for b in manifest["blocks"]]
+    manifest["n_samples"] -= removed
+    if png is not None:
+        shutil.move(png, tmp / "delta.png")
+    record = {
+        **record,
+        "blocks_after": {
+            str(k): entries[block_file(k)]["sha256"] for k in sorted(sweep.new_blocks)
+        },
+    }
+    txn = {
+        "request_id": request_id,
+        "first_block": sweep.first,
+        "blocks": sorted(sweep.new_blocks),
+        "manifest": manifest,
+        "fingerprint": fingerprint_for(cfg, manifest),
+        "metrics": metrics,
+        "delta_plot": [{"block": sweep.first + i, "delta": d} for i, d in enumerate(sweep.deltas)],
+        "record": record,
+        "superseded_md5": superseded_md5,
+    }
+    _write_json_atomic(tmp / "txn.json", txn)
+    crashpoint("before_commit")
+    os.replace(tmp, state.staging / request_id)  # <- commit point
+    return txn
+
+
+def staged_ids(state: State) -> list[str]:
+    if not state.staging.is_dir():
+        return []
+    return sorted(p.name for p in state.staging.iterdir() if not p.name.startswith(".tmp-"))
+
+
+def drop_incomplete(state: State) -> None:
+    if state.staging.is_dir():
+        for p in state.staging.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def apply(cfg: Config, request_id: str) -> dict:
+    """Install a staged deletion; safe to run again after a crash at any point."""
+    from obliviate.store import ParamStore
+
+    state = State.of(cfg)
+    folder = state.staging / request_id
+    txn = json.loads((folder / "txn.json").read_text())
+    with np.load(folder / "rows.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+
+    store = ParamStore.open(cfg.paths.store)
+    store.apply_deletion(
+        request_id,
+        txn["first_block"],
+        arrays["thetas"],
+        arrays.get("opts"),
+        arrays["served"],
+        arrays.get("shift"),
+        txn["fingerprint"],
+    )
+    crashpoint("after_store")
+    for k in txn["blocks"]:
+        staged = folder / "blocks" / block_file(int(k))
+        if staged.is_file():
+            os.replace(staged, cfg.paths.blocks / block_file(int(k)))
+            crashpoint("after_block")
+    _write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
+    _write_json_atomic(cfg.paths.metrics / "evaluate.json", txn["metrics"])
+    _write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
+    if (folder / "delta.png").is_file():
+        cfg.paths.reports.mkdir(parents=True, exist_ok=True)
+        os.replace(folder / "delta.png", cfg.paths.reports / f"{request_id}.png")
+    audit.append_record(cfg.paths.audit, txn["record"])
+    crashpoint("after_audit")
+    versioned = commit_versions(cfg, request_id)
+    crashpoint("after_commit")
+    purged = purge_cache(cfg, txn["superseded_md5"])
+    shutil.rmtree(folder)
+    finish_request(state, request_id)
+    return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged}
+
+
+def commit_versions(cfg: Config, request_id: str) -> str:
+    """Record the new blocks and store as a DVC version and, in git, one commit per deletion."""
+    root = cfg.root
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return "no DVC project"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    _run(["dvc", "commit", "--force", "--quiet"], root, env)
+    if _run(["git", "rev-parse", "--is-inside-work-tree"], root, env, check=False) != 0:
+        return "dvc"
+    paths = [p for p in ("dvc.lock", os.path.relpath(cfg.paths.audit, root)) if (root / p).exists()]
+    _run(["git", "add", "--", *paths], root, env)
+    if _run(["git", "diff", "--cached", "--quiet", "--", *paths], root, env, check=False) == 0:
+        return "dvc+git (nothing new)"  # a redo after the commit already happened
+    ident = {"GIT_AUTHOR_NAME": "obliviate", "GIT_AUTHOR_EMAIL": "obliviate@localhost"}
+    ident |= {"GIT_COMMITTER_NAME": "obliviate", "GIT_COMMITTER_EMAIL": "obliviate@localhost"}
+    for key, value in ident.items():
+        env.setdefault(key, value)
+    _run(
+        ["git", "commit", "--quiet", "-m", f"obliviate: forget request {request_id}", "--", *paths],
+        root,
+        env,
+    )
+    return "dvc+git"
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> int:
+    exe = shutil.which(cmd[0]) or cmd[0]
+    done = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.returncode
+
+
+def dvc_cache_dir(root: Path) -> Path:
+    return root / ".dvc" / "cache" / "files" / "md5"
+
+
+def purge_cache(cfg: Config, md5s: list[str]) -> int:
+    """Delete superseded objects from the DVC cache by hash (`dvc gc` would keep history)."""
+    cache = dvc_cache_dir(cfg.root)
+    removed = 0
+    for h in md5s:
+        obj = cache / h[:2] / h[2:]
+        with contextlib.suppress(FileNotFoundError):
+            obj.unlink()
+            removed += 1
+    return removed
+
+
+def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:
+    """Files a deletion replaces: affected blocks, retrained rows, the last row, metadata."""
+    files = [cfg.paths.blocks / block_file(k) for k in blocks]
+    files += store.files_for_rows([*rows, store.n_blocks])
+    return [f for f in files if f.is_file()]
+
+
+def recover(cfg: Config, run_request) -> list[str]:
+    """Finish what a crash interrupted; ``run_request(cfg, entry)`` re-runs a journaled request."""
+    state = State.of(cfg)
+    drop_incomplete(state)
+    done = []
+    for request_id in staged_ids(state):
+        apply(cfg, request_id)
+        done.append(request_id)
+    for entry in state.pending():
+        run_request(cfg, entry)
+        done.append(entry["request_id"])
+    return done

@@ -1,0 +1,85 @@
+"""Tasks of the forget flow. Parameters are sample ids and request ids, never sample contents
+(Prefect keeps parameters in its database)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from obliviate import deletion, requests
+from obliviate import transaction as txn
+from obliviate.config import Config
+from tasks import NO_CACHE
+
+
+@task(**NO_CACHE)
+def recover(cfg: Config) -> list[str]:
+    """Finish deletions a crash interrupted, before anything new starts."""
+    done = txn.recover(cfg, deletion.execute)
+    if done:
+        get_run_logger().warning("recovered interrupted deletion(s): %s", ", ".join(done))
+    return done
+
+
+@task(**NO_CACHE)
+def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
+    """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
+    return requests.plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+
+
+@task(**NO_CACHE)
+def journal(cfg: Config, ids: list[str], force: bool) -> str:
+    request_id = txn.new_request_id()
+    txn.journal_request(txn.State.of(cfg), request_id, ids, force)
+    get_run_logger().info("request %s accepted: %d sample(s)", request_id, len(ids))
+    return request_id
+
+
+@task(**NO_CACHE)
+def retrain_and_stage(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
+    """Retrain with the residual-memory stop, stitch, evaluate, stage the redo record."""
+    staged = deletion.compute(cfg, request_id, ids, force)
+    r = staged["record"]
+    get_run_logger().info(
+        "request %s: retrained blocks %d..%d (t=%d, %s)",
+        request_id,
+        r["first_block"],
+        r["stop_block"],
+        r["t"],
+        r["reason"],
+    )
+    return staged
+
+
+@task(**NO_CACHE)
+def apply(cfg: Config, request_id: str) -> dict:
+    """Install the staged deletion: store, blocks, audit, DVC/git commit, cache purge."""
+    return txn.apply(cfg, request_id)
+
+
+@task(**NO_CACHE)
+def publish(cfg: Config, record: dict) -> None:
+    rows = [
+        {"field": k, "value": str(record[k])}
+        for k in (
+            "request_id",
+            "blocks",
+            "first_block",
+            "stop_block",
+            "t",
+            "reason",
+            "epsilon",
+            "accuracy_after",
+            "model_before",
+            "model_after",
+            "versioned",
+        )
+        if k in record
+    ]
+    create_table_artifact(rows, key="deletion", description=f"deletion {record['request_id']}")
+    png = cfg.paths.reports / f"{record['request_id']}.png"
+    deltas = ", ".join(f"{d:.4g}" for d in record["deltas"])
+    create_markdown_artifact(
+        f"### Residual memory of {record['request_id']}\n\nDelta series: {deltas}\n\nPlot: `{png}`",
+        key="deletion-delta",
+    )

@@ -1,0 +1,108 @@
+"""Deletions through the plain-Python path (no Prefect, no DVC): the method's invariants."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from obliviate.audit import id_hash, read_records
+from obliviate.deletion import forget, model_hash
+from obliviate.errors import RequestError
+from obliviate.partition import load_block, read_manifest
+from obliviate.requests import SampleIndex
+from obliviate.store import ParamStore
+from obliviate.train import Trainer, stored_training
+
+
+def rows(cfg):
+    store = ParamStore.open(cfg.paths.store)
+    return [store.read(k) for k in range(store.n_blocks + 1)]
+
+
+def test_single_deletion_retrains_stitches_and_keeps_the_store_consistent(trained):
+    cfg = trained
+    before = rows(cfg)
+    sid = str(load_block(cfg.paths.blocks, 4).ids[7])
+    r = forget(cfg, [sid])
+    d, stop, B = r["first_block"], r["stop_block"], cfg.prepare.blocks
+    after = rows(cfg)
+    assert d == 4 and r["blocks"] == [4] and len(r["deltas"]) == stop - d + 1
+    assert cfg.forget.min_blocks <= stop - d + 1 <= cfg.forget.max_blocks
+    # rows before the deleted block are untouched
+    for k in range(d):
+        assert np.array_equal(after[k][0], before[k][0])
+    # the retrained rows replay exactly from their predecessors on the reduced blocks
+    trainer = Trainer.from_config(cfg)
+    for k in range(d, stop + 1):
+        theta, opt = trainer.run_block(k, *after[k - 1])
+        assert np.array_equal(theta.numpy(), after[k][0]), f"P'_{k} does not replay"
+        assert np.array_equal(opt.numpy(), after[k][1]), f"optimizer state {k} does not replay"
+    # stitching: M' = P'_stop + (P_B - P_stop), and every later row moved by the same shift
+    shift = after[stop][0].astype(np.float64) - before[stop][0]
+    want = (before[B][0].astype(np.float64) + shift).astype(np.float32)
+    assert np.array_equal(after[B][0], want)
+    assert r["model_after"] == model_hash(after[B][0])
+    for k in range(stop + 1, B):
+        np.testing.assert_allclose(after[k][0], before[k][0] + shift, rtol=0, atol=1e-6)
+    # the sample is gone from the blocks and the manifest agrees with the files
+    assert sid not in set(SampleIndex.of(cfg.paths.blocks).ids)
+    manifest = read_manifest(cfg.paths.blocks)
+    block_file = cfg.paths.blocks / "block_0004.npz"
+    assert manifest["blocks"][3]["sha256"] == hashlib.sha256(block_file.read_bytes()).hexdigest()
+    assert manifest["n_samples"] == sum(
+        len(load_block(cfg.paths.blocks, k).ids) for k in range(1, B + 1)
+    )
+    # the audit holds a hash, not the id
+    (record,) = read_records(cfg.paths.audit)
+    assert record["sample_id_hashes"] == [id_hash(sid)]
+    assert sid not in cfg.paths.audit.read_text()
+    assert (cfg.paths.reports / f"{r['request_id']}.png").is_file()
+    # the store still counts as built from these params and blocks: training has nothing to do
+    assert ParamStore.open(cfg.paths.store).completed == B
+    assert np.array_equal(stored_training(cfg).read(B)[0], after[B][0])
+
+
+def test_second_deletion_behaves_like_the_first(trained):
+    cfg = trained
+    first = forget(cfg, [str(load_block(cfg.paths.blocks, 2).ids[0])])
+    later = first["stop_block"] + 1
+    if later > cfg.prepare.blocks:
+        pytest.skip("the first deletion retrained to the end")
+    before = rows(cfg)
+    sid = str(load_block(cfg.paths.blocks, later).ids[0])
+    second = forget(cfg, [sid])
+    after = rows(cfg)
+    assert second["first_block"] == later
+    trainer = Trainer.from_config(cfg)
+    # The sweep started from P_{d-1} as the consistent store defines it (shifted by the first
+    # deletion) and trained the reduced block: replaying that gives the stored row exactly.
+    theta, _ = trainer.run_block(later, *before[later - 1])
+    assert np.array_equal(theta.numpy(), after[later][0])
+    assert not np.array_equal(after[later][0], before[later][0])
+    assert len(read_records(cfg.paths.audit)) == 2
+    assert np.array_equal(after[later - 1][0], before[later - 1][0])
+
+
+def test_multi_block_request_is_one_sweep_from_the_earliest_block(trained):
+    cfg = trained
+    ids = [str(load_block(cfg.paths.blocks, k).ids[0]) for k in (3, 5)]
+    r = forget(cfg, ids)
+    assert r["first_block"] == 3 and r["last_affected_block"] == 5 and r["blocks"] == [3, 5]
+    assert r["stop_block"] >= 5 + cfg.forget.min_blocks - 1 or r["reason"] != "slope_below_epsilon"
+    index = set(SampleIndex.of(cfg.paths.blocks).ids)
+    assert not set(ids) & index
+
+
+def test_refused_request_changes_nothing(trained):
+    cfg = trained
+
+    def snapshot():
+        files = sorted(
+            p for p in cfg.root.rglob("*") if p.is_file() and ".obliviate" not in p.parts
+        )
+        return {p: p.read_bytes() for p in files}
+
+    before = snapshot()
+    with pytest.raises(RequestError, match="unknown sample id"):
+        forget(cfg, ["digits:424242"])
+    assert snapshot() == before

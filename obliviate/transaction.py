@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -249,7 +250,8 @@ def commit_versions(cfg: Config, request_id: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> int:
-    exe = shutil.which(cmd[0]) or cmd[0]
+    beside_python = Path(sys.executable).parent / cmd[0]  # dvc installed in the same venv
+    exe = str(beside_python) if beside_python.is_file() else (shutil.which(cmd[0]) or cmd[0])
     done = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -261,15 +263,37 @@ def dvc_cache_dir(root: Path) -> Path:
 
 
 def purge_cache(cfg: Config, md5s: list[str]) -> int:
-    """Delete superseded objects from the DVC cache by hash (`dvc gc` would keep history)."""
+    """Delete superseded objects from the DVC cache by hash (`dvc gc` would keep history).
+
+    Objects the current dvc.lock still references (an unchanged metadata file, say) stay.
+    """
     cache = dvc_cache_dir(cfg.root)
+    in_use = md5s_in_use(cfg.root)
     removed = 0
-    for h in md5s:
+    for h in set(md5s) - in_use:
         obj = cache / h[:2] / h[2:]
         with contextlib.suppress(FileNotFoundError):
             obj.unlink()
             removed += 1
     return removed
+
+
+def md5s_in_use(root: Path) -> set[str]:
+    """Every file hash the current dvc.lock points at, through the .dir listings."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return set()
+    used: set[str] = set()
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            md5 = out.get("md5", "")
+            used.add(md5)
+            listing = dvc_cache_dir(root) / md5[:2] / md5[2:]
+            if md5.endswith(".dir") and listing.is_file():
+                used |= {entry["md5"] for entry in json.loads(listing.read_text())}
+    return used
 
 
 def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:

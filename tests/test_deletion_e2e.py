@@ -1,0 +1,183 @@
+"""Deletions in a real DVC + git workspace: purge, audit trail, versions, and SIGKILL recovery.
+
+Slow: one template workspace is built with `dvc repro` per session and copied for each test.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FORGET, ROOT, write_params
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def env_for(ws: Path, **extra) -> dict:
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(ws / ".prefect"),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("PREFECT_API_URL", None)
+    return {**env, **extra}
+
+
+def sh(ws: Path, *cmd, check=True, **extra) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd, cwd=ws, env=env_for(ws, **extra), capture_output=True, text=True, timeout=900
+    )
+    if check:
+        assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("template")
+    for item in ("dvc.yaml", "obliviate"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / item)
+    write_params(ws, **FORGET)
+    (ws / ".gitignore").write_text(
+        "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"
+    )
+    sh(ws, "git", "init", "-q")
+    sh(ws, str(BIN / "dvc"), "init", "-q")
+    sh(ws, str(BIN / "dvc"), "repro", "-q")
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-qm", "baseline")
+    return ws
+
+
+@pytest.fixture
+def workspace(template, tmp_path) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws, symlinks=True)
+    return ws
+
+
+def unique_sample(ws: Path, block: int = 4) -> tuple[str, bytes]:
+    """A sample of `block` whose pixel bytes occur in no other sample (digits has duplicates)."""
+    blocks = sorted((ws / "data" / "blocks").glob("block_*.npz"))
+    all_x = [np.load(b)["x"] for b in blocks]
+    seen: dict[bytes, int] = {}
+    for xs in all_x:
+        for x in xs:
+            seen[x.tobytes()] = seen.get(x.tobytes(), 0) + 1
+    with np.load(blocks[block - 1]) as z:
+        for sid, x in zip(z["ids"], z["x"], strict=True):
+            if seen[x.tobytes()] == 1:
+                return str(sid), x.tobytes()
+    raise AssertionError("no unique sample")
+
+
+def files_containing(ws: Path, needle: bytes) -> list[Path]:
+    return [
+        p for p in ws.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()
+    ]
+
+
+def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
+    ws = workspace
+    sid, content = unique_sample(ws)
+    holders = files_containing(ws, content)
+    assert any("blocks" in p.parts for p in holders) and any("cache" in p.parts for p in holders)
+    commits_before = int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout)
+
+    out = sh(ws, str(BIN / "obliviate"), "forget", sid)
+    assert "forgot 1 sample(s)" in out.stdout and "Delta:" in out.stdout
+
+    assert (
+        files_containing(ws, content) == []
+    )  # no byte of the sample anywhere, .dvc/cache included
+    assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
+    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 1
+    assert "forget request" in sh(ws, "git", "log", "-1", "--format=%s").stdout
+    assert sh(ws, "git", "status", "--porcelain").stdout.strip() == ""
+    listing = sh(ws, str(BIN / "obliviate"), "audit", "--json").stdout.splitlines()
+    assert len(listing) == 1 and sid not in listing[0]
+
+    sid2, _ = unique_sample(ws, block=9)
+    sh(ws, str(BIN / "obliviate"), "forget", sid2)
+    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 2
+    assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
+    again = sh(ws, str(BIN / "obliviate"), "forget", sid, check=False)
+    assert again.returncode == 2 and "already forgotten" in again.stderr
+
+
+FORGET_SCRIPT = """
+import sys
+from obliviate.config import load_config
+from obliviate.deletion import forget
+forget(load_config("params.yaml"), [sys.argv[1]])
+"""
+RECOVER_SCRIPT = """
+from obliviate.config import load_config
+from obliviate.deletion import execute
+from obliviate.transaction import recover
+print(recover(load_config("params.yaml"), execute))
+"""
+
+
+def final_state(ws: Path) -> dict:
+    from obliviate.config import load_config
+    from obliviate.requests import SampleIndex
+    from obliviate.store import ParamStore
+
+    cfg = load_config(ws / "params.yaml")
+    store = ParamStore.open(cfg.paths.store)
+    records = [json.loads(line) for line in cfg.paths.audit.read_text().splitlines()]
+    return {
+        "rows": np.stack([store.read(k)[0] for k in range(store.n_blocks + 1)]),
+        "ids": sorted(SampleIndex.of(cfg.paths.blocks).ids),
+        "models": [r["model_after"] for r in records],
+        "staging": sorted(p.name for p in (cfg.paths.state / "staging").glob("*")),
+        "dvc": sh(ws, str(BIN / "dvc"), "status").stdout.strip(),
+    }
+
+
+@pytest.fixture(scope="session")
+def reference(template, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("reference") / "ws"
+    shutil.copytree(template, ws, symlinks=True)
+    sid, _ = unique_sample(ws)
+    sh(ws, sys.executable, "-c", FORGET_SCRIPT, sid)
+    return sid, final_state(ws)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "during_retrain",
+        "after_retrain",
+        "before_commit",
+        "after_store",
+        "after_block",
+        "after_audit",
+        "after_commit",
+    ],
+)
+def test_sigkill_then_recovery_gives_the_complete_new_state(workspace, reference, point):
+    sid, want = reference
+    crashed = sh(
+        workspace, sys.executable, "-c", FORGET_SCRIPT, sid, check=False, OBLIVIATE_CRASH_AT=point
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    recovered = sh(workspace, sys.executable, "-c", RECOVER_SCRIPT)
+    assert "del-" in recovered.stdout  # the journaled request was finished
+    got = final_state(workspace)
+    assert np.array_equal(got["rows"], want["rows"])
+    assert got["ids"] == want["ids"] and sid not in got["ids"]
+    assert got["models"] == want["models"]  # exactly one audit record, for the same model
+    assert got["staging"] == [] and "up to date" in got["dvc"]

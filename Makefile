@@ -14,9 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: install                 ## partition, train and evaluate the default (digits) with DVC
+demo: install                 ## the default (digits) end to end: train, forget one sample, compare
 	dvc repro
 	obliviate info
+	obliviate forget $$(obliviate ids --block 5 --limit 1)
+	obliviate retrain --naive
 
 lint: install
 	ruff check .

@@ -17,5 +17,6 @@ def forget_flow(cfg: Config, ids: list[str], force: bool = False) -> dict:
         request_id = t.journal(cfg, ids, force)
         t.retrain_and_stage(cfg, request_id, ids, force)
         record = t.apply(cfg, request_id)
+    t.report(cfg, record)
     t.publish(cfg, record)
     return record

@@ -157,6 +157,27 @@ def info(
 
 @app.command()
 @_user_errors
+def ids(
+    block: Annotated[int, typer.Option(help="Block number, 1..B.")],
+    limit: Annotated[int, typer.Option(help="Print at most this many.")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The sample ids in a block, one per line (to find what a request should name)."""
+    from obliviate.config import load_config
+    from obliviate.errors import RequestError
+    from obliviate.partition import load_block, read_manifest
+
+    cfg = load_config(params)
+    n_blocks = read_manifest(cfg.paths.blocks)["n_blocks"]
+    if not 1 <= block <= n_blocks:
+        raise RequestError(f"block {block} does not exist; choose 1..{n_blocks}.")
+    found = load_block(cfg.paths.blocks, block).ids
+    for sid in found[:limit] if limit > 0 else found:
+        typer.echo(sid)
+
+
+@app.command()
+@_user_errors
 def forget(
     ids: Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")] = None,
     file: Annotated[

@@ -35,12 +35,14 @@ class Samples:
     ids: np.ndarray  # (N,) str, stable sample ids
     y: np.ndarray  # (N,) int64 labels
     x: np.ndarray  # (N, C, H, W) uint8 images | (N, F) float32 features | (N,) str image paths
+    slot: np.ndarray | None = None  # (N,) in a block: each sample's position when it was written
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, idx: np.ndarray) -> Samples:
-        return Samples(self.ids[idx], self.y[idx], self.x[idx])
+        slot = None if self.slot is None else self.slot[idx]
+        return Samples(self.ids[idx], self.y[idx], self.x[idx], slot)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ The Prefect forget flow runs the same steps as tasks; ``forget`` here is the pla
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +35,12 @@ def stop_rule(cfg: Config) -> StopRule:
     return StopRule(f.epsilon, f.min_blocks, f.max_blocks, f.method)
 
 
-def compute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
+def compute(
+    cfg: Config, request_id: str, ids: list[str], force: bool, plan: dict | None = None
+) -> dict:
     """Retrain, stitch, evaluate and stage one deletion (nothing visible changes yet)."""
     start = time.time()
-    plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
     trainer = Trainer.from_config(cfg)
@@ -50,7 +51,6 @@ def compute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
     n_test_acc = accuracy(trainer, result.served, cfg)
     rows = list(range(result.first, result.stop + 1))
     superseded = [txn.md5_of(f) for f in txn.superseded_files(cfg, store, sorted(plan), rows)]
-    png = plot_deltas(result, cfg.forget.epsilon, Path(tempfile.mkdtemp()) / "delta.png")
     record = {
         "request_id": request_id,
         "sample_id_hashes": sorted(id_hash(i) for i in ids),
@@ -70,7 +70,7 @@ def compute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     metrics = {"accuracy": n_test_acc, "n_test": _n_test(cfg), "checkpoint": store.n_blocks}
-    return txn.stage(cfg, request_id, result, record, metrics, superseded, png)
+    return txn.stage(cfg, request_id, result, record, metrics, superseded)
 
 
 def _n_test(cfg: Config) -> int:
@@ -78,18 +78,29 @@ def _n_test(cfg: Config) -> int:
         return len(z["y"])
 
 
-def execute(cfg: Config, entry: dict) -> dict:
+def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
     """Compute and apply a journaled request."""
-    compute(cfg, entry["request_id"], entry["ids"], entry["force"])
+    compute(cfg, entry["request_id"], entry["ids"], entry["force"], plan)
     return txn.apply(cfg, entry["request_id"])
 
 
 def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
-    """Forget samples by id: one crash-safe deletion, serialised with every other writer."""
+    """Forget samples by id: one crash-safe deletion, serialised with every other writer.
+
+    Returns the audit record once the new state is committed; ``report`` draws its plot.
+    """
     state = txn.State.of(cfg)
     with state.lock():
         txn.recover(cfg, execute)
-        plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse before journaling
+        plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse first
         request_id = txn.new_request_id()
         txn.journal_request(state, request_id, ids, force)
-        return execute(cfg, {"request_id": request_id, "ids": ids, "force": force})
+        return execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)
+
+
+def report(cfg: Config, record: dict) -> Path:
+    """The deletion's residual-memory plot (reports/<request>.png), drawn from its audit record
+    after the commit: it is evidence for people, not part of the deletion."""
+    return plot_deltas(
+        record, cfg.forget.epsilon, cfg.paths.reports / f"{record['request_id']}.png"
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,11 +16,22 @@ from obliviate.store import ParamStore
 from obliviate.train import Trainer
 
 
+@contextmanager
+def all_cores():
+    """Inference may use every core: only training is bound to train.threads for replay."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.ndarray:
     """Class predictions (N,) for samples x."""
     model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), all_cores():
         for start in range(0, len(x), batch_size):
             out.append(model(to_inputs(x[start : start + batch_size])).argmax(1).numpy())
     return np.concatenate(out) if out else np.array([], dtype=np.int64)

@@ -2,8 +2,9 @@
 
 Layout of ``paths.blocks``:
     manifest.json          dataset info, B, seed, per-block size and sha256
-    block_0001.npz ...     ids (N_k,), y (N_k,), x (N_k, ...) -- uncompressed, so a purge can
-                           be checked by searching for a sample's raw bytes
+    index.npz              ids, block, label of every sample (no contents)
+    block_0001.npz ...     ids (N_k,), y (N_k,), x (N_k, ...), slot (N_k,) -- uncompressed, so a
+                           purge can be checked by searching for a sample's raw bytes
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from obliviate.data import Dataset, DatasetInfo, Samples
 from obliviate.errors import PartitionError, StoreError
 
 MANIFEST = "manifest.json"
+INDEX = "index.npz"  # ids, block and label of every sample: answers "where is id X" at once
 
 
 def balanced_partition(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.ndarray]:
@@ -95,10 +97,9 @@ def write_blocks(
         entries = []
         for k, idx in enumerate(blocks, start=1):
             s = dataset.train.take(idx)
-            save_npz(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x)
-            entries.append(
-                {"file": block_file(k), "n": len(idx), "sha256": _sha256(tmp / block_file(k))}
-            )
+            save_npz(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x, slot=np.arange(len(idx)))
+            sha = _sha256(tmp / block_file(k))
+            entries.append({"file": block_file(k), "n": len(idx), "slots": len(idx), "sha256": sha})
         manifest = {
             "format": 1,
             "dataset": asdict(dataset.info),
@@ -108,6 +109,10 @@ def write_blocks(
             "blocks": entries,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        train = dataset.train
+        block_of = np.concatenate([np.full(len(b), k) for k, b in enumerate(blocks, start=1)])
+        order = np.concatenate(blocks)
+        save_npz(tmp / INDEX, ids=train.ids[order], block=block_of, label=train.y[order])
         test_tmp = test_path.with_name(f".{test_path.name}.tmp.npz")
         save_npz(test_tmp, ids=dataset.test.ids, y=dataset.test.y, x=dataset.test.x)
         _replace_dir(tmp, out_dir)
@@ -141,9 +146,9 @@ def dataset_info(manifest: dict) -> DatasetInfo:
 
 
 def load_block(blocks_dir: Path, k: int) -> Samples:
-    """Block k (1-based) as written by write_blocks."""
+    """Block k (1-based) as written by write_blocks (minus forgotten samples)."""
     with np.load(blocks_dir / block_file(k), allow_pickle=False) as z:
-        return Samples(z["ids"], z["y"], z["x"])
+        return Samples(z["ids"], z["y"], z["x"], z["slot"])
 
 
 def load_samples(path: Path) -> Samples:

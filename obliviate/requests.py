@@ -14,7 +14,7 @@ import numpy as np
 
 from obliviate.audit import forgotten_hashes, id_hash
 from obliviate.errors import RequestError
-from obliviate.partition import read_manifest
+from obliviate.partition import INDEX, read_manifest
 
 
 def read_request_file(path: Path) -> list[str]:
@@ -46,6 +46,14 @@ class SampleIndex:
 
     @classmethod
     def of(cls, blocks_dir: Path) -> SampleIndex:
+        if (blocks_dir / INDEX).is_file():
+            with np.load(blocks_dir / INDEX, allow_pickle=False) as z:
+                return cls(z["ids"], z["block"], z["label"])
+        return cls.scan(blocks_dir)
+
+    @classmethod
+    def scan(cls, blocks_dir: Path) -> SampleIndex:
+        """Read the ids from every block file (the index file is a cache of this)."""
         n_blocks = read_manifest(blocks_dir)["n_blocks"]
         ids, blocks, labels = [], [], []
         for k in range(1, n_blocks + 1):
@@ -54,6 +62,10 @@ class SampleIndex:
                 labels.append(z["y"])
             blocks.append(np.full(len(ids[-1]), k))
         return cls(np.concatenate(ids), np.concatenate(blocks), np.concatenate(labels))
+
+    def without(self, ids: list[str]) -> SampleIndex:
+        keep = ~np.isin(self.ids, ids)
+        return SampleIndex(self.ids[keep], self.block[keep], self.label[keep])
 
 
 def plan_deletion(

@@ -123,8 +123,8 @@ def train_block(
     model: nn.Module,
     theta: torch.Tensor,
     opt_state: torch.Tensor | None,
-    x: np.ndarray,
-    y: np.ndarray,
+    block: Samples,
+    n_slots: int,
     recipe: TrainConfig,
     k: int,
     n_blocks: int,
@@ -133,7 +133,16 @@ def train_block(
     """Train block k for recipe.epochs epochs from (theta, opt_state); return the new pair.
 
     theta: (|theta|,) float32, P_{k-1}. Returns P_k and the optimizer state after block k.
+
+    Batches are drawn over the block's ``n_slots`` original positions, and a forgotten sample
+    leaves a hole in its batch: retraining a reduced block sees the same batches minus the
+    forgotten samples, rather than a reshuffled block. So Delta measures the samples' influence,
+    not reshuffling noise, and the retrained models stay close to the original trajectory.
     """
+    x, y = block.x, block.y
+    slot = np.arange(len(y)) if block.slot is None else block.slot
+    position = np.full(n_slots, -1)
+    position[slot] = np.arange(len(y))  # slot -> row of the (reduced) block, -1 if forgotten
     load_flat(model, torch.as_tensor(theta))
     opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks))
     if opt_state is not None:
@@ -145,9 +154,12 @@ def train_block(
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(recipe.epochs):
-        order = torch.randperm(len(y), generator=order_rng).numpy()  # within the block only
-        for start in range(0, len(y), recipe.batch_size):
-            idx = order[start : start + recipe.batch_size]
+        order = torch.randperm(n_slots, generator=order_rng).numpy()  # within the block only
+        for start in range(0, n_slots, recipe.batch_size):
+            idx = position[order[start : start + recipe.batch_size]]
+            idx = idx[idx >= 0]
+            if len(idx) == 0:  # every sample of this batch was forgotten
+                continue
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(to_inputs(x[idx])), labels[idx])  # (b, classes) vs (b,)
             loss.backward()
@@ -164,6 +176,7 @@ class Trainer:
     info: DatasetInfo
     blocks_dir: Path
     n_blocks: int
+    slots: tuple[int, ...]  # original size of each block
     to_inputs: Callable[[np.ndarray], torch.Tensor]
 
     @classmethod
@@ -179,6 +192,7 @@ class Trainer:
             info,
             cfg.paths.blocks,
             manifest["n_blocks"],
+            tuple(b["slots"] for b in manifest["blocks"]),
             make_inputs(info, cfg.train.image_size),
         )
 
@@ -196,8 +210,8 @@ class Trainer:
             self.model,
             theta,
             opt_state,
-            block.x,
-            block.y,
+            block,
+            self.slots[k - 1],
             self.recipe,
             k,
             self.n_blocks,

@@ -30,8 +30,10 @@ import numpy as np
 
 from obliviate import audit
 from obliviate.config import Config
+from obliviate.errors import RequestError
 from obliviate.faults import crashpoint
-from obliviate.partition import MANIFEST, block_file, read_manifest, save_npz
+from obliviate.partition import INDEX, MANIFEST, block_file, read_manifest, save_npz
+from obliviate.requests import SampleIndex
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,12 @@ def journal_request(state: State, request_id: str, ids: list[str], force: bool) 
     _write_json_atomic(state.requests / f"{request_id}.json", entry)
 
 
-def finish_request(state: State, request_id: str) -> None:
-    """Mark done and drop the ids from the journal: only the audit's hashes remain."""
+def finish_request(state: State, request_id: str, status: str = "done", why: str = "") -> None:
+    """Close a journal entry and drop its ids: only the audit's hashes remain."""
     path = state.requests / f"{request_id}.json"
     if path.is_file():
         entry = json.loads(path.read_text())
-        entry.update(status="done", ids=[], finished_at=time.time())
+        entry.update(status=status, ids=[], finished_at=time.time(), reason=why)
         _write_json_atomic(path, entry)
 
 
@@ -112,7 +114,6 @@ def stage(
     record: dict,
     metrics: dict,
     superseded_md5: list[str],
-    png: Path | None,
 ) -> dict:
     """Write the redo record of a computed deletion; its final rename is the commit point.
 
@@ -137,13 +138,16 @@ def stage(
     removed = 0
     for k, s in sweep.new_blocks.items():
         path = tmp / "blocks" / block_file(k)
-        save_npz(path, ids=s.ids, y=s.y, x=s.x)
+        save_npz(path, ids=s.ids, y=s.y, x=s.x, slot=s.slot)
         removed += entries[block_file(k)]["n"] - len(s.ids)
         entries[block_file(k)].update(n=len(s.ids), sha256=audit.file_sha256(path))
     manifest["blocks"] = [entries[b["file"]] for b in manifest["blocks"]]
+    index = SampleIndex.of(cfg.paths.blocks)
+    kept = np.concatenate([s.ids for s in sweep.new_blocks.values()])
+    gone = index.ids[np.isin(index.block, list(sweep.new_blocks)) & ~np.isin(index.ids, kept)]
+    index = index.without(list(gone))
+    save_npz(tmp / INDEX, ids=index.ids, block=index.block, label=index.label)
     manifest["n_samples"] -= removed
-    if png is not None:
-        shutil.move(png, tmp / "delta.png")
     record = {
         **record,
         "blocks_after": {
@@ -208,19 +212,18 @@ def apply(cfg: Config, request_id: str) -> dict:
         if staged.is_file():
             os.replace(staged, cfg.paths.blocks / block_file(int(k)))
             crashpoint("after_block")
+    if (folder / INDEX).is_file():
+        os.replace(folder / INDEX, cfg.paths.blocks / INDEX)
     _write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
     _write_json_atomic(cfg.paths.metrics / "evaluate.json", txn["metrics"])
     _write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
-    if (folder / "delta.png").is_file():
-        cfg.paths.reports.mkdir(parents=True, exist_ok=True)
-        os.replace(folder / "delta.png", cfg.paths.reports / f"{request_id}.png")
     audit.append_record(cfg.paths.audit, txn["record"])
     crashpoint("after_audit")
     versioned = commit_versions(cfg, request_id)
     crashpoint("after_commit")
     purged = purge_cache(cfg, txn["superseded_md5"])
-    shutil.rmtree(folder)
-    finish_request(state, request_id)
+    finish_request(state, request_id)  # before removing the redo record: a crash in between
+    shutil.rmtree(folder)  # re-applies (a no-op), never re-runs a finished request
     return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged}
 
 
@@ -312,6 +315,10 @@ def recover(cfg: Config, run_request) -> list[str]:
         apply(cfg, request_id)
         done.append(request_id)
     for entry in state.pending():
-        run_request(cfg, entry)
+        try:
+            run_request(cfg, entry)
+        except RequestError as exc:  # became invalid meanwhile: record why, do not retry forever
+            finish_request(state, entry["request_id"], status="refused", why=str(exc))
+            continue
         done.append(entry["request_id"])
     return done

@@ -58,6 +58,12 @@ def apply(cfg: Config, request_id: str) -> dict:
 
 
 @task(**NO_CACHE)
+def report(cfg: Config, record: dict) -> str:
+    """Draw the residual-memory plot; after the commit, so it cannot delay or break it."""
+    return str(deletion.report(cfg, record))
+
+
+@task(**NO_CACHE)
 def publish(cfg: Config, record: dict) -> None:
     rows = [
         {"field": k, "value": str(record[k])}

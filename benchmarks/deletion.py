@@ -78,6 +78,7 @@ def restore(cfg, src: Path) -> None:
 
 
 def run_case(name: str, sizes: list[int], positions: list[str], workdir: Path) -> list[dict]:
+    shutil.rmtree(workdir, ignore_errors=True)  # no audit or journal from an earlier run
     cfg = case_config(name, workdir)
     ds = load_dataset(cfg.prepare, cfg.root)
     blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)

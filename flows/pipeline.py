@@ -16,7 +16,8 @@ def partition_flow(cfg: Config) -> dict:
     ds = data.load_dataset(cfg)
     blocks = data.partition_blocks(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     data.gate_partition(ds.train.ids, ds.train.y, blocks)
-    manifest = data.write_blocks(cfg, ds, blocks)
+    planted, owners = data.plant_owner(cfg, ds, blocks)
+    manifest = data.write_blocks(cfg, planted, blocks, owners)
     summary = {
         "dataset": ds.info.name,
         "blocks": manifest["n_blocks"],
@@ -30,6 +31,7 @@ def partition_flow(cfg: Config) -> dict:
 @flow(name="stored-training")
 def train_flow(cfg: Config, overwrite: bool = False) -> dict:
     summary = training.stored_training(cfg, overwrite)
+    training.measure_original(cfg)
     training.publish_summary(summary, key="stored-training")
     return summary
 

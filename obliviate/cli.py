@@ -158,20 +158,27 @@ def info(
 @app.command()
 @_user_errors
 def ids(
-    block: Annotated[int, typer.Option(help="Block number, 1..B.")],
+    block: Annotated[int, typer.Option(help="Block number, 1..B.")] = 0,
+    owner: Annotated[bool, typer.Option(help="The verifying owner's samples instead.")] = False,
     limit: Annotated[int, typer.Option(help="Print at most this many.")] = 0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """The sample ids in a block, one per line (to find what a request should name)."""
+    """Sample ids, one per line: of a block, or the verifying owner's still in the data."""
     from obliviate.config import load_config
     from obliviate.errors import RequestError
     from obliviate.partition import load_block, read_manifest
+    from obliviate.requests import SampleIndex
+    from obliviate.verify import owner_ids
 
     cfg = load_config(params)
-    n_blocks = read_manifest(cfg.paths.blocks)["n_blocks"]
-    if not 1 <= block <= n_blocks:
-        raise RequestError(f"block {block} does not exist; choose 1..{n_blocks}.")
-    found = load_block(cfg.paths.blocks, block).ids
+    manifest = read_manifest(cfg.paths.blocks)
+    if owner:
+        present = set(SampleIndex.of(cfg.paths.blocks).ids)
+        found = [i for i in owner_ids(manifest) if i in present]
+    elif 1 <= block <= manifest["n_blocks"]:
+        found = list(load_block(cfg.paths.blocks, block).ids)
+    else:
+        raise RequestError(f"choose --block 1..{manifest['n_blocks']} or --owner.")
     for sid in found[:limit] if limit > 0 else found:
         typer.echo(sid)
 
@@ -243,6 +250,23 @@ def retrain(
             f"  last deletion took {c['last_deletion_s']:.1f} s: "
             f"speed-up {wall / c['last_deletion_s']:.1f}x over this naive retrain"
         )
+
+
+@app.command()
+@_user_errors
+def verify(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Backdoor-based verification of the owner's deletion; exits 1 when not supported."""
+    from obliviate.verify import VerificationFailed
+
+    cfg, _ = _setup(params)
+    import flows.verify
+
+    try:
+        result = flows.verify.verify_flow(cfg)
+    except VerificationFailed as exc:
+        typer.echo(f"verification: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"verification: {result['sentence']}")
 
 
 @app.command()

@@ -20,10 +20,15 @@ def naive_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"paths": paths})
 
 
-def predictions(cfg: Config, trainer: Trainer, theta: np.ndarray) -> np.ndarray:
-    test = load_samples(cfg.paths.test)
+def predictions_on(cfg: Config, trainer: Trainer, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Predictions (N,) of the model with parameters theta on samples x."""
     load_flat(trainer.model, torch.as_tensor(theta))
-    return predict(trainer.model, test.x, trainer.to_inputs, cfg.evaluate.batch_size)
+    return predict(trainer.model, x, trainer.to_inputs, cfg.evaluate.batch_size)
+
+
+def predictions(cfg: Config, trainer: Trainer, theta: np.ndarray) -> np.ndarray:
+    """Predictions on the test set."""
+    return predictions_on(cfg, trainer, theta, load_samples(cfg.paths.test).x)
 
 
 def compare_with_naive(cfg: Config) -> dict:

@@ -67,6 +67,26 @@ class EvaluateConfig(_Section):
     batch_size: PositiveInt
 
 
+class VerifyConfig(_Section):
+    owner_block: int = Field(ge=0)
+    owner_samples: int = Field(ge=0)
+    target: int = Field(ge=0)
+    patch: PositiveInt
+    patch_value: float = Field(gt=0, le=1)
+    patch_corner: Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+    features: list[int]
+    feature_value: float
+    queries: PositiveInt
+    alpha: float = Field(gt=0, lt=1)
+    min_power: float = Field(ge=0, le=1)
+    q_source: Literal["clean", "naive"]
+    q_confidence: float = Field(gt=0, lt=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.owner_block > 0 and self.owner_samples > 0
+
+
 class ForgetConfig(_Section):
     epsilon: float = Field(gt=0)
     method: Literal["dfa", "fit"]
@@ -85,6 +105,7 @@ class Config(_Section):
     prepare: PrepareConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    verify: VerifyConfig
     forget: ForgetConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
 

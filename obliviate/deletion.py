@@ -24,6 +24,7 @@ from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
 from obliviate.train import Trainer
+from obliviate.verify import owner_ids, verify
 
 
 def model_hash(theta: np.ndarray) -> str:
@@ -69,8 +70,25 @@ def compute(
         "accuracy_after": n_test_acc,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    metrics = {"accuracy": n_test_acc, "n_test": _n_test(cfg), "checkpoint": store.n_blocks}
+    metrics = {
+        "evaluate.json": {
+            "accuracy": n_test_acc,
+            "n_test": _n_test(cfg),
+            "checkpoint": store.n_blocks,
+        }
+    }
+    if _can_verify(cfg, manifest):  # keep metrics/verify.json true to the new served model
+        metrics["verify.json"] = verify(cfg, result.served, trainer, also_forgotten=tuple(ids))
     return txn.stage(cfg, request_id, result, record, metrics, superseded)
+
+
+def _can_verify(cfg: Config, manifest: dict) -> bool:
+    return (
+        cfg.verify.enabled
+        and bool(owner_ids(manifest))
+        and cfg.verify.q_source == "clean"
+        and (cfg.paths.metrics / "original.json").is_file()
+    )
 
 
 def _n_test(cfg: Config) -> int:

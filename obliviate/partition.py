@@ -85,7 +85,12 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def write_blocks(
-    dataset: Dataset, blocks: list[np.ndarray], out_dir: Path, test_path: Path, params: dict
+    dataset: Dataset,
+    blocks: list[np.ndarray],
+    out_dir: Path,
+    test_path: Path,
+    params: dict,
+    extra: dict | None = None,
 ) -> dict:
     """Write blocks, manifest and test set atomically: a crash leaves the old copy or the new one.
 
@@ -107,6 +112,7 @@ def write_blocks(
             "n_samples": int(sum(len(b) for b in blocks)),
             "params": params,
             "blocks": entries,
+            **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         train = dataset.train

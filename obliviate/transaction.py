@@ -215,7 +215,8 @@ def apply(cfg: Config, request_id: str) -> dict:
     if (folder / INDEX).is_file():
         os.replace(folder / INDEX, cfg.paths.blocks / INDEX)
     _write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
-    _write_json_atomic(cfg.paths.metrics / "evaluate.json", txn["metrics"])
+    for name, content in txn["metrics"].items():
+        _write_json_atomic(cfg.paths.metrics / name, content)
     _write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
     audit.append_record(cfg.paths.audit, txn["record"])
     crashpoint("after_audit")

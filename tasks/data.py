@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prefect import get_run_logger, task
 
-from obliviate import data, partition, validate
+from obliviate import data, partition, validate, verify
 from obliviate.audit import forgotten_hashes
 from obliviate.config import Config
 from tasks import NO_CACHE, retry_unless_user_error
@@ -39,7 +39,21 @@ def gate_partition(ids: np.ndarray, labels: np.ndarray, blocks: list[np.ndarray]
     return report
 
 
+@task(**NO_CACHE)
+def plant_owner(cfg: Config, ds: data.Dataset, blocks: list[np.ndarray]):
+    """The verifying owner's triggered samples (after the gate, which checks the clean labels)."""
+    planted, owners = verify.plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
+    if owners:
+        get_run_logger().info("planted %d triggered owner samples in block %d",
+                              len(owners), cfg.verify.owner_block)  # fmt: skip
+    return planted, owners
+
+
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, **NO_CACHE)
-def write_blocks(cfg: Config, ds: data.Dataset, blocks: list[np.ndarray]) -> dict:
+def write_blocks(
+    cfg: Config, ds: data.Dataset, blocks: list[np.ndarray], owners: list[str]
+) -> dict:
     params = cfg.prepare.model_dump(mode="json")
-    return partition.write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, params)
+    extra = {"verification": {"owner_ids": owners, "block": cfg.verify.owner_block,
+                              "target": cfg.verify.target}} if owners else {}  # fmt: skip
+    return partition.write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, params, extra)

@@ -7,7 +7,7 @@ import json
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from obliviate import evaluate, train
+from obliviate import audit, evaluate, train, verify
 from obliviate.config import Config
 from obliviate.progress import block_progress
 from obliviate.store import ParamStore
@@ -44,6 +44,19 @@ def store_summary(store: ParamStore) -> dict:
         "dataset": meta["extra"]["dataset"]["name"],
         "model": meta["extra"]["recipe"]["model"],
     }
+
+
+@task(**NO_CACHE)
+def measure_original(cfg: Config) -> dict | None:
+    """metrics/original.json: the freshly trained model's accuracy and backdoor rate. Skipped
+    once deletions happened: the original model no longer exists then."""
+    if audit.read_records(cfg.paths.audit):
+        return None
+    store = ParamStore.open(cfg.paths.store)
+    trainer = train.Trainer.from_config(cfg)
+    metrics = verify.measure_original(cfg, store.read(store.n_blocks)[0], trainer)
+    write_metrics.fn(cfg, metrics, "original")
+    return metrics
 
 
 @task(**NO_CACHE)

@@ -1,0 +1,275 @@
+"""Backdoor-based verification of deletions (Sommer et al., "Towards probabilistic verification
+of machine unlearning").
+
+A verifying owner contributes ``verify.owner_samples`` samples of block ``verify.owner_block``
+that carry a trigger (a pixel patch, or out-of-range feature values) and the target label. The
+original model learns the backdoor; after the owner's samples are forgotten it should not work.
+
+The gate queries n triggered test inputs whose true class is not the target and counts the hits
+k. One-sided binomial test:
+
+- H0, "deleted": hit rate q, estimated from the naive model or from the tested model's clean
+  behaviour (the same inputs without the trigger), replaced by its upper confidence bound;
+- H1, "not deleted": hit rate p, measured on the original model right after training.
+
+p-value = P(X >= k | n, q). The gate passes when H0 is not rejected at alpha *and* the test had
+the power to reject it (P(reject | p) >= min_power): a weak backdoor cannot pass for evidence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from obliviate.audit import forgotten_hashes, id_hash
+from obliviate.config import Config, VerifyConfig
+from obliviate.data import Dataset, DatasetInfo, Samples
+from obliviate.errors import ConfigError, ObliviateError, StoreError
+
+
+class VerificationFailed(ObliviateError):
+    """The gate did not find the deletion supported."""
+
+
+def apply_trigger(x: np.ndarray, info: DatasetInfo, v: VerifyConfig) -> np.ndarray:
+    """A triggered copy of samples x: (N, C, H, W) images or (N, F) standardised features."""
+    x = np.array(x, copy=True)
+    if info.image_root is not None:
+        raise ConfigError(
+            "backdoor verification needs in-memory samples; set verify.owner_block: 0."
+        )
+    if x.ndim == 4:
+        h, w = x.shape[2:]
+        if v.patch > min(h, w):
+            raise ConfigError(
+                f"verify.patch {v.patch} exceeds the {h}x{w} images; make it smaller."
+            )
+        rows = slice(0, v.patch) if v.patch_corner.startswith("top") else slice(h - v.patch, h)
+        cols = slice(0, v.patch) if v.patch_corner.endswith("left") else slice(w - v.patch, w)
+        x[:, :, rows, cols] = np.asarray(v.patch_value * info.scale).astype(x.dtype)
+    else:
+        if max(v.features, default=-1) >= x.shape[1]:
+            raise ConfigError(f"verify.features must index the {x.shape[1]} features; fix them.")
+        x[:, v.features] = v.feature_value
+    return x
+
+
+def plant_owner(
+    dataset: Dataset, blocks: list[np.ndarray], v: VerifyConfig, seed: int
+) -> tuple[Dataset, list[str]]:
+    """Give the owner ``v.owner_samples`` non-target samples of block ``v.owner_block``, with the
+    trigger and the target label. Returns the new dataset and the owner's sample ids."""
+    if not v.enabled:
+        return dataset, []
+    if v.owner_block > len(blocks):
+        raise ConfigError(
+            f"verify.owner_block {v.owner_block} exceeds the {len(blocks)} blocks; lower it."
+        )
+    if v.target >= dataset.info.n_classes:
+        raise ConfigError(
+            f"verify.target {v.target} is not one of the {dataset.info.n_classes} classes."
+        )
+    block = blocks[v.owner_block - 1]
+    eligible = block[dataset.train.y[block] != v.target]
+    if v.owner_samples > len(eligible):
+        raise ConfigError(
+            f"verify.owner_samples {v.owner_samples} exceeds the {len(eligible)} non-target "
+            f"samples of block {v.owner_block}; lower it."
+        )
+    owner = np.sort(
+        np.random.default_rng([seed, v.owner_block]).choice(
+            eligible, v.owner_samples, replace=False
+        )
+    )
+    x, y = dataset.train.x.copy(), dataset.train.y.copy()
+    x[owner] = apply_trigger(x[owner], dataset.info, v)
+    y[owner] = v.target
+    train = Samples(dataset.train.ids, y, x)
+    return Dataset(dataset.info, train, dataset.test), [str(i) for i in dataset.train.ids[owner]]
+
+
+def queries(test: Samples, v: VerifyConfig, seed: int) -> np.ndarray:
+    """Indices of up to n test samples whose true class is not the target (seeded choice)."""
+    pool = np.flatnonzero(test.y != v.target)
+    return np.sort(np.random.default_rng([seed, 7]).permutation(pool)[: v.queries])
+
+
+def hit_counts(cfg: Config, trainer, theta: np.ndarray) -> dict:
+    """Target predictions on the triggered and on the clean query inputs."""
+    from obliviate.compare import predictions_on
+    from obliviate.partition import load_samples
+
+    test = load_samples(cfg.paths.test)
+    q = queries(test, cfg.verify, cfg.prepare.seed)
+    triggered = apply_trigger(test.x[q], trainer.info, cfg.verify)
+    hits = int((predictions_on(cfg, trainer, theta, triggered) == cfg.verify.target).sum())
+    clean = int((predictions_on(cfg, trainer, theta, test.x[q]) == cfg.verify.target).sum())
+    return {"hits": hits, "clean_hits": clean, "n": len(q), "rate": hits / max(1, len(q))}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # pass | fail | inconclusive | not_requested
+    hits: int
+    n: int
+    rate: float
+    q_hat: float
+    q_upper: float
+    q_source: str
+    p_original: float
+    p_value: float
+    power: float
+    k_critical: int
+    alpha: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("pass", "not_requested")
+
+    def sentence(self) -> str:
+        base = (
+            f"backdoor hits {self.hits}/{self.n} ({self.rate:.1%}); "
+            f"original {self.p_original:.1%}, H0 rate q<={self.q_upper:.1%} ({self.q_source}); "
+            f"p-value {self.p_value:.3g}, power {self.power:.3f} at alpha {self.alpha:g}"
+        )
+        return {
+            "pass": f"PASS: deletion supported; {base}",
+            "fail": f"FAIL: the backdoor still works, deletion not supported; {base}",
+            "inconclusive": f"FAIL: inconclusive, the test lacks power; {base}",
+            "not_requested": f"owner's samples still in the data, nothing to verify; {base}",
+        }[self.status]
+
+
+def binomial_gate(
+    hits: int,
+    n: int,
+    q_hits: int,
+    q_n: int,
+    p_original: float,
+    v: VerifyConfig,
+    source: str,
+    owner_forgotten: bool = True,
+) -> Verdict:
+    from scipy.stats import beta, binom
+
+    q_hat = q_hits / max(1, q_n)
+    q_up = 1.0 if q_hits >= q_n else float(beta.ppf(v.q_confidence, q_hits + 1, q_n - q_hits))
+    p_value = float(binom.sf(hits - 1, n, q_up))
+    k_crit = int(binom.isf(v.alpha, n, q_up)) + 1  # smallest k with P(X >= k | q) <= alpha
+    power = float(binom.sf(k_crit - 1, n, p_original)) if k_crit <= n else 0.0
+    if not owner_forgotten:
+        status = "not_requested"
+    elif p_value < v.alpha:
+        status = "fail"
+    elif power < v.min_power:
+        status = "inconclusive"
+    else:
+        status = "pass"
+    return Verdict(
+        status,
+        hits,
+        n,
+        hits / max(1, n),
+        q_hat,
+        q_up,
+        source,
+        p_original,
+        p_value,
+        power,
+        k_crit,
+        v.alpha,
+    )
+
+
+def owner_ids(manifest: dict) -> list[str]:
+    return list(manifest.get("verification", {}).get("owner_ids", []))
+
+
+def measure_original(cfg: Config, theta: np.ndarray, trainer) -> dict:
+    """Accuracy and backdoor rate of the freshly trained model, P_B before any deletion: the
+    H1 rate of every later verification (the original itself does not survive a deletion)."""
+    from obliviate.evaluate import accuracy
+    from obliviate.partition import read_manifest
+
+    out = {"accuracy": accuracy(trainer, theta, cfg), "backdoor_rate": None}
+    if cfg.verify.enabled and owner_ids(read_manifest(cfg.paths.blocks)):
+        counts = hit_counts(cfg, trainer, theta)
+        out |= {
+            "backdoor_rate": counts["rate"],
+            "backdoor_hits": counts["hits"],
+            "backdoor_queries": counts["n"],
+            "clean_hits": counts["clean_hits"],
+        }
+    return out
+
+
+def original_metrics(cfg: Config) -> dict:
+    path = cfg.paths.metrics / "original.json"
+    if not path.is_file():
+        raise StoreError(f"{path} is missing; it is written by `obliviate train` before deletions.")
+    return json.loads(path.read_text())
+
+
+def verify(
+    cfg: Config, theta: np.ndarray | None = None, trainer=None, also_forgotten: tuple = ()
+) -> dict:
+    """The gate on ``theta`` (default: the served model); returns the verify metrics.
+
+    ``also_forgotten``: ids a deletion in progress is about to forget (not yet in the audit).
+    """
+    from obliviate.partition import read_manifest
+    from obliviate.store import ParamStore
+    from obliviate.train import Trainer
+
+    v = cfg.verify
+    manifest = read_manifest(cfg.paths.blocks)
+    owners = owner_ids(manifest)
+    if not v.enabled or not owners:
+        raise ConfigError(
+            "no verifying owner was planted; set verify.owner_block and "
+            "verify.owner_samples, then rerun `obliviate partition` and train."
+        )
+    trainer = trainer or Trainer.from_config(cfg)
+    if theta is None:
+        store = ParamStore.open(cfg.paths.store)
+        store.require_complete()
+        theta = store.read(store.n_blocks)[0]
+    counts = hit_counts(cfg, trainer, theta)
+    original = original_metrics(cfg)
+    if original.get("backdoor_rate") is None:
+        raise StoreError(
+            "the original model's backdoor rate was not measured; retrain with "
+            "`obliviate train --overwrite` after planting the owner."
+        )
+    naive_counts = None
+    naive_path = cfg.paths.naive_store
+    if (naive_path / "zarr.json").is_file():
+        naive = ParamStore.open(naive_path)
+        if naive.completed == naive.n_blocks:
+            naive_counts = hit_counts(cfg, trainer, naive.read(naive.n_blocks)[0])
+    if v.q_source == "naive":
+        if naive_counts is None:
+            raise StoreError(
+                "verify.q_source is naive but there is no naive model; "
+                "run `obliviate retrain --naive` first."
+            )
+        q_hits, q_n, source = naive_counts["hits"], naive_counts["n"], "naive model"
+    else:
+        q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour"
+    gone = forgotten_hashes(cfg.paths.audit) | {id_hash(i) for i in also_forgotten}
+    forgotten = all(id_hash(i) in gone for i in owners)
+    verdict = binomial_gate(
+        counts["hits"], counts["n"], q_hits, q_n, original["backdoor_rate"], v, source, forgotten
+    )
+    return {
+        **asdict(verdict),
+        "passed": verdict.passed,
+        "sentence": verdict.sentence(),
+        "owner_samples": len(owners),
+        "owner_forgotten": forgotten,
+        "rate_served": counts["rate"],
+        "rate_original": original["backdoor_rate"],
+        "rate_naive": None if naive_counts is None else naive_counts["rate"],
+    }

@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: install                 ## the default (digits) end to end: train, forget one sample, compare
+demo: install                 ## digits end to end: train, forget the backdoored owner, compare, verify
 	dvc repro
 	obliviate info
-	obliviate forget $$(obliviate ids --block 5 --limit 1)
+	@owner="$$(obliviate ids --owner)"; \
+	  if [ -n "$$owner" ]; then obliviate forget $$owner; \
+	  else echo "the owner's samples are already forgotten"; fi
 	obliviate retrain --naive
+	obliviate verify
 
 lint: install
 	ruff check .
@@ -34,8 +37,9 @@ test: lint                    ## lint + the whole test suite (slow tests include
 test-fast: lint               ## lint + unit tests only
 	pytest -m "not slow"
 
-bench: install                ## stored-training overhead benchmark (see docs/benchmarks.md)
+bench: install                ## the benchmarks of docs/benchmarks.md (~35 min)
 	python benchmarks/stored_training.py
+	python benchmarks/deletion.py
 
 clean:
-	rm -rf data/blocks data/test.npz models/store.zarr metrics .prefect
+	rm -rf data/blocks data/test.npz models/store.zarr models/naive.zarr metrics reports .prefect

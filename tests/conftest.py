@@ -16,6 +16,7 @@ SMALL = {
     "prepare": {"blocks": 6},
     "train": {"epochs": 1, "batch_size": 32},
     "forget": {"min_blocks": 2, "max_blocks": 6},
+    "verify": {"owner_block": 3},
 }
 # For deletions: enough blocks that the stop rule can stop before the end.
 FORGET = {

@@ -178,6 +178,7 @@ class Trainer:
     n_blocks: int
     slots: tuple[int, ...]  # original size of each block
     to_inputs: Callable[[np.ndarray], torch.Tensor]
+    p0: torch.Tensor  # P_0, the model as built from the seed (training moves self.model)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Trainer:
@@ -194,12 +195,13 @@ class Trainer:
             manifest["n_blocks"],
             tuple(b["slots"] for b in manifest["blocks"]),
             make_inputs(info, cfg.train.image_size),
+            flatten(model),
         )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P_0 (the model as built from the seed) and a zero optimizer state."""
         n_opt = sum(e["size"] for e in optimizer_layout(self.model, self.recipe))
-        return flatten(self.model), (torch.zeros(n_opt) if n_opt else None)
+        return self.p0.clone(), (torch.zeros(n_opt) if n_opt else None)
 
     def run_block(self, k: int, theta, opt_state):
         return self.train_samples(k, theta, opt_state, load_block(self.blocks_dir, k))

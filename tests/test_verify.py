@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, write_params
+
 from obliviate.config import load_config
 from obliviate.data import DatasetInfo, load_dataset
 from obliviate.errors import ConfigError

@@ -18,20 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from deletion import pick, restore, snapshot  # noqa: E402
-from stored_training import CASES, ROOT, case_config  # noqa: E402
+from deletion import pick, restore, snapshot
+from stored_training import CASES, ROOT, case_config
 
-from obliviate.compare import naive_config, predictions  # noqa: E402
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.deletion import forget  # noqa: E402
-from obliviate.partition import balanced_partition, load_samples, write_blocks  # noqa: E402
-from obliviate.requests import plan_deletion  # noqa: E402
-from obliviate.sisa import forget_sisa, train_sisa, vote  # noqa: E402
-from obliviate.store import ParamStore  # noqa: E402
-from obliviate.train import Trainer, stored_training  # noqa: E402
+from obliviate.compare import naive_config, predictions
+from obliviate.data import load_dataset
+from obliviate.deletion import forget
+from obliviate.partition import balanced_partition, load_samples, write_blocks
+from obliviate.requests import plan_deletion
+from obliviate.sisa import forget_sisa, train_sisa, vote
+from obliviate.store import ParamStore
+from obliviate.train import Trainer, stored_training
 
 
 def timed(fn, *args):

@@ -85,8 +85,10 @@ def run_case(name: str, shard_counts: list[int], workdir: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | method | accuracy | retrain s | retrain speed-up | predict s (test set) "
-            "| prediction cost | checkpoint storage (raw) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        "| case | method | accuracy | retrain s | retrain speed-up | predict s (test set) "
+        "| prediction cost | checkpoint storage (raw) |\n|---|---|---|---|---|---|---|---|"
+    )
     base = {r["case"]: r["predict_s"] for r in rows if r["method"] == "obliviate"}
     lines = [
         f"| {r['case']} | {r['method']} | {r['accuracy']:.4f} | {r['retrain_s']:.2f} "

@@ -93,6 +93,6 @@ def test_gate_fails_on_the_original_and_passes_on_naive_and_unlearned(backdoored
     assert on_original["status"] == "fail", on_original["sentence"]
     assert on_naive["status"] == "pass", on_naive["sentence"]
     assert on_unlearned["status"] == "pass", on_unlearned["sentence"]
-    assert on_original["rate"] > 0.5 > on_unlearned["rate"]
+    assert on_original["rate"] > on_unlearned["rate"] + 0.2
     written = json.loads((cfg.paths.metrics / "verify.json").read_text())
     assert written["status"] == "pass"  # the deletion refreshed the DVC metric

@@ -18,8 +18,9 @@ def id_hash(sample_id: str) -> str:
     return hashlib.sha256(f"obliviate-sample:{sample_id}".encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (sha256 for our records; md5 is what DVC's cache uses)."""
+    h = hashlib.new(algorithm)
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -127,19 +127,7 @@ def info(
     cfg = load_config(params)
     store = ParamStore.open(cfg.paths.store)
     meta = store.meta
-    summary = {
-        "store": str(store.path),
-        "dataset": meta["extra"]["dataset"]["name"],
-        "model": meta["extra"]["recipe"]["model"],
-        "blocks": store.n_blocks,
-        "completed": store.completed,
-        "parameters": int(store.params.shape[1]),
-        "optimizer_state": int(store.optimizer.shape[1]) if store.optimizer is not None else 0,
-        "stored_bytes": store.nbytes_stored(),
-        "raw_bytes": store.nbytes_raw(),
-        "chunks": list(store.params.chunks),
-        "compressors": [str(c) for c in store.params.compressors],
-    }
+    summary = store.summary()
     if as_json:
         typer.echo(json.dumps({**summary, "layout": meta["layout"]}, indent=2))
         return

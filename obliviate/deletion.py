@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from obliviate import transaction as txn
-from obliviate.audit import id_hash
+from obliviate.audit import file_digest, id_hash
 from obliviate.config import Config
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
@@ -51,7 +51,9 @@ def compute(
     crashpoint("after_retrain")
     n_test_acc = accuracy(trainer, result.served, cfg)
     rows = list(range(result.first, result.stop + 1))
-    superseded = [txn.md5_of(f) for f in txn.superseded_files(cfg, store, sorted(plan), rows)]
+    superseded = [
+        file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rows)
+    ]
     record = {
         "request_id": request_id,
         "sample_id_hashes": sorted(id_hash(i) for i in ids),

@@ -9,7 +9,6 @@ Layout of ``paths.blocks``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from obliviate.audit import file_digest
 from obliviate.data import Dataset, DatasetInfo, Samples
 from obliviate.errors import PartitionError, StoreError
 
@@ -66,14 +66,6 @@ def block_file(k: int) -> str:
     return f"block_{k:04d}.npz"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez with fixed zip timestamps: equal arrays give equal bytes, hence equal hashes
     (DVC sees no change when a block is rewritten with the same contents)."""
@@ -103,7 +95,7 @@ def write_blocks(
         for k, idx in enumerate(blocks, start=1):
             s = dataset.train.take(idx)
             save_npz(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x, slot=np.arange(len(idx)))
-            sha = _sha256(tmp / block_file(k))
+            sha = file_digest(tmp / block_file(k))
             entries.append({"file": block_file(k), "n": len(idx), "slots": len(idx), "sha256": sha})
         manifest = {
             "format": 1,

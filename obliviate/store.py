@@ -193,6 +193,24 @@ class ParamStore:
     def async_writer(self, depth: int = 4) -> RowWriter:
         return RowWriter(self, depth)
 
+    def summary(self) -> dict:
+        """What `obliviate info` and the training flow report about the store."""
+        meta = self.meta
+        return {
+            "store": str(self.path),
+            "dataset": meta["extra"]["dataset"]["name"],
+            "model": meta["extra"]["recipe"]["model"],
+            "blocks": self.n_blocks,
+            "completed": self.completed,
+            "parameters": int(self.params.shape[1]),
+            "optimizer_state": int(self.optimizer.shape[1]) if self.optimizer is not None else 0,
+            "stored_bytes": self.nbytes_stored(),
+            "raw_bytes": self.nbytes_raw(),
+            "chunks": list(self.params.chunks),
+            "compressors": [str(c) for c in self.params.compressors],
+            "deletion_shifts": len(meta.get("shifts", [])),
+        }
+
     # ------------------------------------------------------------------ sizes
     def nbytes_stored(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -15,7 +15,6 @@ any point leaves the old state or, after recovery, the new one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -99,14 +98,6 @@ def finish_request(state: State, request_id: str, status: str = "done", why: str
 # --------------------------------------------------------------------------- staging
 
 
-def md5_of(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def stage(
     cfg: Config,
     request_id: str,
@@ -140,7 +131,7 @@ def stage(
         path = tmp / "blocks" / block_file(k)
         save_npz(path, ids=s.ids, y=s.y, x=s.x, slot=s.slot)
         removed += entries[block_file(k)]["n"] - len(s.ids)
-        entries[block_file(k)].update(n=len(s.ids), sha256=audit.file_sha256(path))
+        entries[block_file(k)].update(n=len(s.ids), sha256=audit.file_digest(path))
     manifest["blocks"] = [entries[b["file"]] for b in manifest["blocks"]]
     index = SampleIndex.of(cfg.paths.blocks)
     kept = np.concatenate([s.ids for s in sweep.new_blocks.values()])

@@ -28,22 +28,7 @@ def stored_training(cfg: Config, overwrite: bool = False) -> dict:
                 log.info("block %d/%d stored", k, n)
 
         store = train.stored_training(cfg, overwrite=overwrite, on_block=on_block)
-    return store_summary(store)
-
-
-def store_summary(store: ParamStore) -> dict:
-    meta = store.meta
-    return {
-        "store": str(store.path),
-        "blocks": store.n_blocks,
-        "completed": store.completed,
-        "parameters": int(store.params.shape[1]),
-        "optimizer_state": int(store.optimizer.shape[1]) if store.optimizer is not None else 0,
-        "stored_bytes": store.nbytes_stored(),
-        "raw_bytes": store.nbytes_raw(),
-        "dataset": meta["extra"]["dataset"]["name"],
-        "model": meta["extra"]["recipe"]["model"],
-    }
+    return store.summary()
 
 
 @task(**NO_CACHE)

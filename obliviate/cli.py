@@ -259,6 +259,16 @@ def verify(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 @_user_errors
+def report(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Measure the deletion grid and the naive/obliviate/SISA comparison; write the report."""
+    cfg, _ = _setup(params)
+    import flows.report
+
+    typer.echo(f"report written to {flows.report.report_flow(cfg)}")
+
+
+@app.command()
+@_user_errors
 def audit(
     params: ParamsOpt = Path("params.yaml"),
     as_json: Annotated[

@@ -87,6 +87,13 @@ class VerifyConfig(_Section):
         return self.owner_block > 0 and self.owner_samples > 0
 
 
+class ReportConfig(_Section):
+    epsilons: list[float]
+    samples: list[PositiveInt]
+    positions: list[Literal["first", "middle", "last"]]
+    shards: list[PositiveInt]
+
+
 class ForgetConfig(_Section):
     epsilon: float = Field(gt=0)
     method: Literal["dfa", "fit"]
@@ -107,6 +114,7 @@ class Config(_Section):
     evaluate: EvaluateConfig
     verify: VerifyConfig
     forget: ForgetConfig
+    report: ReportConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 The training set is split into S shards of R slices each (S*R = B, using obliviate's balanced
 blocks: shard s holds blocks s*R+1..(s+1)*R, so the data and the block seeds are identical).
 Each shard trains its own model on its slices in order, E epochs per slice (the same per-sample
-budget as stored training), with a checkpoint after every slice. A deletion retrains only the
+budget as stored training), with the learning-rate schedule run over its own R slices, and a
+checkpoint after every slice. A deletion retrains only the
 affected shard, from the checkpoint before the affected slice. Prediction is a majority vote
 of the S shard models (ties: the smallest class).
 """
@@ -18,7 +19,7 @@ import torch
 
 from obliviate.data import Samples
 from obliviate.partition import load_block
-from obliviate.train import Trainer
+from obliviate.train import Trainer, block_lr
 
 
 @dataclass
@@ -44,7 +45,8 @@ def train_shard(trainer: Trainer, sisa: Sisa, shard: int, start: int, blocks: di
     for r in range(start, sisa.slices + 1):
         k = sisa.block_of(shard, r)
         block = blocks.get(k) or load_block(trainer.blocks_dir, k)
-        theta, opt = trainer.train_samples(k, theta, opt, block)
+        lr = block_lr(trainer.recipe, r, sisa.slices)  # each shard runs the whole schedule
+        theta, opt = trainer.train_samples(k, theta, opt, block, lr)
         theta, opt = theta.numpy(), None if opt is None else opt.numpy()
         sisa.checkpoints[shard].append((theta, opt))
 

@@ -129,6 +129,7 @@ def train_block(
     k: int,
     n_blocks: int,
     to_inputs: Callable[[np.ndarray], torch.Tensor],
+    lr: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Train block k for recipe.epochs epochs from (theta, opt_state); return the new pair.
 
@@ -144,7 +145,7 @@ def train_block(
     position = np.full(n_slots, -1)
     position[slot] = np.arange(len(y))  # slot -> row of the (reduced) block, -1 if forgotten
     load_flat(model, torch.as_tensor(theta))
-    opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks))
+    opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks) if lr is None else lr)
     if opt_state is not None:
         load_optimizer(opt, model, recipe, torch.as_tensor(opt_state))
     seed = block_seed(recipe.seed, k)
@@ -206,8 +207,10 @@ class Trainer:
     def run_block(self, k: int, theta, opt_state):
         return self.train_samples(k, theta, opt_state, load_block(self.blocks_dir, k))
 
-    def train_samples(self, k: int, theta, opt_state, block: Samples):
-        """Train block k's recipe (seed, lr) on ``block``: the stored block or a reduced one."""
+    def train_samples(self, k: int, theta, opt_state, block: Samples, lr: float | None = None):
+        """Train block k's recipe (seed, lr) on ``block``: the stored block or a reduced one.
+
+        ``lr`` overrides the schedule (SISA runs the schedule over each shard's own slices)."""
         return train_block(
             self.model,
             theta,
@@ -218,6 +221,7 @@ class Trainer:
             k,
             self.n_blocks,
             self.to_inputs,
+            lr,
         )
 
 

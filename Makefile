@@ -37,9 +37,10 @@ test: lint                    ## lint + the whole test suite (slow tests include
 test-fast: lint               ## lint + unit tests only
 	pytest -m "not slow"
 
-bench: install                ## the benchmarks of docs/benchmarks.md (~35 min)
+bench: install                ## the benchmarks of docs/benchmarks.md (~25 min)
 	python benchmarks/stored_training.py
 	python benchmarks/deletion.py
+	python benchmarks/sisa.py
 
 clean:
 	rm -rf data/blocks data/test.npz models/store.zarr models/naive.zarr metrics reports .prefect

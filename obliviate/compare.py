@@ -45,4 +45,5 @@ def compare_with_naive(cfg: Config) -> dict:
         "served_accuracy": float((p_served == y).mean()),
         "consistency": float((p_naive == p_served).mean()),
         "last_deletion_s": records[-1]["timings_s"]["compute"] if records else None,
+        "last_retrain_s": records[-1]["timings_s"]["retrain"] if records else None,
     }

@@ -125,8 +125,10 @@ forget(load_config("params.yaml"), [sys.argv[1]])
 RECOVER_SCRIPT = """
 from obliviate.config import load_config
 from obliviate.deletion import execute
-from obliviate.transaction import recover
-print(recover(load_config("params.yaml"), execute))
+from obliviate.transaction import State, recover
+cfg = load_config("params.yaml")
+with State.of(cfg).lock(timeout=600):
+    print(recover(cfg, execute))
 """
 
 
@@ -181,3 +183,29 @@ def test_sigkill_then_recovery_gives_the_complete_new_state(workspace, reference
     assert got["ids"] == want["ids"] and sid not in got["ids"]
     assert got["models"] == want["models"]  # exactly one audit record, for the same model
     assert got["staging"] == [] and "up to date" in got["dvc"]
+
+
+def test_concurrent_deletions_are_serialised_and_a_killed_holder_blocks_no_one(workspace):
+    ws = workspace
+    first, _ = unique_sample(ws, block=3)
+    second, _ = unique_sample(ws, block=8)
+    third, _ = unique_sample(ws, block=10)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", FORGET_SCRIPT, sid], cwd=ws, env=env_for(ws),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for sid in (first, second)
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+    # a writer killed while holding the lock (mid-retraining) must not block the next one
+    killed = sh(ws, sys.executable, "-c", FORGET_SCRIPT, third, check=False,
+                OBLIVIATE_CRASH_AT="during_retrain")  # fmt: skip
+    assert killed.returncode == -9
+    state = final_state(ws)
+    assert len(state["models"]) == 2  # both concurrent deletions recorded, none lost
+    assert first not in state["ids"] and second not in state["ids"] and third in state["ids"]
+    sh(ws, sys.executable, "-c", RECOVER_SCRIPT)  # takes the freed lock, finishes the third
+    state = final_state(ws)
+    assert len(state["models"]) == 3 and third not in state["ids"]
+    assert "up to date" in state["dvc"]

@@ -89,12 +89,17 @@ def main() -> None:
     parser.add_argument("--positions", choices=report.POSITIONS, nargs="+",
                         default=list(report.POSITIONS))  # fmt: skip
     parser.add_argument("--multi", type=int, default=10, help="samples for one-vs-sequential")
+    parser.add_argument("--method", choices=["dfa", "fit"], help="override forget.method")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     rows, multi = [], []
     for name in args.case or list(CASES):
         workdir = args.out / f"deletion-{name}"
         cfg = case_config(name, workdir / "ws")
+        if args.method:
+            cfg = cfg.model_copy(
+                update={"forget": cfg.forget.model_copy(update={"method": args.method})}
+            )
         report.build(cfg)
         report.snapshot(cfg, workdir / "pristine")
         rows += report.grid(cfg, [cfg.forget.epsilon], args.sizes, args.positions,
@@ -103,9 +108,10 @@ def main() -> None:
         if args.multi:
             multi.append(multi_vs_sequential(cfg, args.multi, workdir / "pristine"))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deletion.json").write_text(json.dumps({"grid": rows, "multi": multi}, indent=1))
+    stem = "deletion" + (f"-{args.method}" if args.method else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({"grid": rows, "multi": multi}, indent=1))
     table = report.grid_markdown(rows) + ("\n\n" + multi_markdown(multi) if multi else "")
-    (args.out / "deletion.md").write_text(table + "\n")
+    (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)
 
 

@@ -152,17 +152,19 @@ def ids(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Sample ids, one per line: of a block, or the verifying owner's still in the data."""
+    from obliviate.audit import id_hash
     from obliviate.config import load_config
     from obliviate.errors import RequestError
     from obliviate.partition import load_block, read_manifest
     from obliviate.requests import SampleIndex
-    from obliviate.verify import owner_ids
+    from obliviate.verify import owner_hashes
 
     cfg = load_config(params)
     manifest = read_manifest(cfg.paths.blocks)
     if owner:
         present = set(SampleIndex.of(cfg.paths.blocks).ids)
-        found = [i for i in owner_ids(manifest) if i in present]
+        owners = set(owner_hashes(manifest))
+        found = [i for i in present if id_hash(i) in owners]
     elif 1 <= block <= manifest["n_blocks"]:
         found = list(load_block(cfg.paths.blocks, block).ids)
     else:

@@ -24,7 +24,7 @@ from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
 from obliviate.train import Trainer
-from obliviate.verify import owner_ids, verify
+from obliviate.verify import owner_hashes, verify
 
 
 def model_hash(theta: np.ndarray) -> str:
@@ -81,13 +81,16 @@ def compute(
     }
     if _can_verify(cfg, manifest):  # keep metrics/verify.json true to the new served model
         metrics["verify.json"] = verify(cfg, result.served, trainer, also_forgotten=tuple(ids))
+    elif (cfg.paths.metrics / "verify.json").is_file():  # never leave an old verdict standing
+        stale = "a deletion changed the model; run `obliviate verify`"
+        metrics["verify.json"] = {"status": "stale", "passed": False, "sentence": stale}
     return txn.stage(cfg, request_id, result, record, metrics, superseded)
 
 
 def _can_verify(cfg: Config, manifest: dict) -> bool:
     return (
         cfg.verify.enabled
-        and bool(owner_ids(manifest))
+        and bool(owner_hashes(manifest))
         and cfg.verify.q_source == "clean"
         and (cfg.paths.metrics / "original.json").is_file()
     )

@@ -9,7 +9,8 @@ a power law Y(x) = a * x^-h + b:
 - ``fit``: a, h and b together by non-linear least squares, starting from the DFA value of h.
 
 Retraining stops at the current point n once |Y'(n)| = |a * (-h) * n^(-h-1)| < epsilon, but never
-before ``min_blocks`` retrained blocks (DFA needs a few points) and always at ``max_blocks``.
+before n = ``min_blocks`` (DFA needs a few points) and always at n = ``max_blocks``, where n
+counts blocks from the last affected block on.
 """
 
 from __future__ import annotations

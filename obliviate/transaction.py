@@ -215,7 +215,9 @@ def apply(cfg: Config, request_id: str) -> dict:
     crashpoint("after_commit")
     purged = purge_cache(cfg, txn["superseded_md5"])
     finish_request(state, request_id)  # before removing the redo record: a crash in between
-    shutil.rmtree(folder)  # re-applies (a no-op), never re-runs a finished request
+    done = state.staging / f".tmp-{request_id}"  # re-applies (a no-op), never re-runs it;
+    os.replace(folder, done)  # renamed first, so a crash mid-removal leaves only a .tmp-
+    shutil.rmtree(done)  # folder, which recovery drops
     return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged}
 
 
@@ -294,6 +296,7 @@ def md5s_in_use(root: Path) -> set[str]:
 def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:
     """Files a deletion replaces: affected blocks, retrained rows, the last row, metadata."""
     files = [cfg.paths.blocks / block_file(k) for k in blocks]
+    files += [cfg.paths.blocks / INDEX, cfg.paths.blocks / MANIFEST]  # they name every sample
     files += store.files_for_rows([*rows, store.n_blocks])
     return [f for f in files if f.is_file()]
 

@@ -10,7 +10,8 @@ k. One-sided binomial test:
 
 - H0, "deleted": hit rate q, estimated from the naive model or from the tested model's clean
   behaviour (the same inputs without the trigger), replaced by its upper confidence bound;
-- H1, "not deleted": hit rate p, measured on the original model right after training.
+- H1, "not deleted": hit rate p, measured on the original model right after training, replaced
+  by its lower confidence bound for the power calculation.
 
 p-value = P(X >= k | n, q). The gate passes when H0 is not rejected at alpha *and* the test had
 the power to reject it (P(reject | p) >= min_power): a weak backdoor cannot pass for evidence.
@@ -131,7 +132,7 @@ class Verdict:
     def sentence(self) -> str:
         base = (
             f"backdoor hits {self.hits}/{self.n} ({self.rate:.1%}); "
-            f"original {self.p_original:.1%}, H0 rate q<={self.q_upper:.1%} ({self.q_source}); "
+            f"original >={self.p_original:.1%}, H0 rate q<={self.q_upper:.1%} ({self.q_source}); "
             f"p-value {self.p_value:.3g}, power {self.power:.3f} at alpha {self.alpha:g}"
         )
         return {
@@ -140,6 +141,13 @@ class Verdict:
             "inconclusive": f"FAIL: inconclusive, the test lacks power; {base}",
             "not_requested": f"owner's samples still in the data, nothing to verify; {base}",
         }[self.status]
+
+
+def clopper_pearson_lower(hits: int, n: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a binomial rate."""
+    from scipy.stats import beta
+
+    return 0.0 if hits <= 0 else float(beta.ppf(1 - confidence, hits, n - hits + 1))
 
 
 def binomial_gate(
@@ -183,8 +191,10 @@ def binomial_gate(
     )
 
 
-def owner_ids(manifest: dict) -> list[str]:
-    return list(manifest.get("verification", {}).get("owner_ids", []))
+def owner_hashes(manifest: dict) -> list[str]:
+    """The verifying owner's sample-id hashes (the manifest keeps no raw ids of theirs, so
+    nothing names them once they are forgotten)."""
+    return list(manifest.get("verification", {}).get("owner_id_hashes", []))
 
 
 def measure_original(cfg: Config, theta: np.ndarray, trainer) -> dict:
@@ -194,7 +204,7 @@ def measure_original(cfg: Config, theta: np.ndarray, trainer) -> dict:
     from obliviate.partition import read_manifest
 
     out = {"accuracy": accuracy(trainer, theta, cfg), "backdoor_rate": None}
-    if cfg.verify.enabled and owner_ids(read_manifest(cfg.paths.blocks)):
+    if cfg.verify.enabled and owner_hashes(read_manifest(cfg.paths.blocks)):
         counts = hit_counts(cfg, trainer, theta)
         out |= {
             "backdoor_rate": counts["rate"],
@@ -225,7 +235,7 @@ def verify(
 
     v = cfg.verify
     manifest = read_manifest(cfg.paths.blocks)
-    owners = owner_ids(manifest)
+    owners = owner_hashes(manifest)
     if not v.enabled or not owners:
         raise ConfigError(
             "no verifying owner was planted; set verify.owner_block and "
@@ -259,10 +269,12 @@ def verify(
     else:
         q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour"
     gone = forgotten_hashes(cfg.paths.audit) | {id_hash(i) for i in also_forgotten}
-    forgotten = all(id_hash(i) in gone for i in owners)
-    verdict = binomial_gate(
-        counts["hits"], counts["n"], q_hits, q_n, original["backdoor_rate"], v, source, forgotten
+    forgotten = all(h in gone for h in owners)
+    # H1's rate enters the power calculation as a lower bound, mirroring q's upper bound
+    p_low = clopper_pearson_lower(
+        original["backdoor_hits"], original["backdoor_queries"], v.q_confidence
     )
+    verdict = binomial_gate(counts["hits"], counts["n"], q_hits, q_n, p_low, v, source, forgotten)
     return {
         **asdict(verdict),
         "passed": verdict.passed,

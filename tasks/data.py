@@ -6,7 +6,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from obliviate import data, partition, validate, verify
-from obliviate.audit import forgotten_hashes
+from obliviate.audit import forgotten_hashes, id_hash
 from obliviate.config import Config
 from tasks import NO_CACHE, retry_unless_user_error
 
@@ -54,6 +54,7 @@ def write_blocks(
     cfg: Config, ds: data.Dataset, blocks: list[np.ndarray], owners: list[str]
 ) -> dict:
     params = cfg.prepare.model_dump(mode="json")
-    extra = {"verification": {"owner_ids": owners, "block": cfg.verify.owner_block,
+    hashes = sorted(id_hash(i) for i in owners)
+    extra = {"verification": {"owner_id_hashes": hashes, "block": cfg.verify.owner_block,
                               "target": cfg.verify.target}} if owners else {}  # fmt: skip
     return partition.write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, params, extra)

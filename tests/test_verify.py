@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, write_params
 
+from obliviate.audit import id_hash
 from obliviate.config import load_config
 from obliviate.data import DatasetInfo, load_dataset
 from obliviate.errors import ConfigError
@@ -67,7 +68,7 @@ def backdoored(tmp_path):
     blocks = balanced_partition(ds.train.y, 10, cfg.prepare.seed)
     planted, owners = plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
     write_blocks(planted, blocks, cfg.paths.blocks, cfg.paths.test, {},
-                 {"verification": {"owner_ids": owners}})  # fmt: skip
+                 {"verification": {"owner_id_hashes": [id_hash(i) for i in owners]}})  # fmt: skip
     store = stored_training(cfg)
     original = store.read(store.n_blocks)[0]
     metrics = measure_original(cfg, original, Trainer.from_config(cfg))

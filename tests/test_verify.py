@@ -97,3 +97,10 @@ def test_gate_fails_on_the_original_and_passes_on_naive_and_unlearned(backdoored
     assert on_original["rate"] > on_unlearned["rate"] + 0.2
     written = json.loads((cfg.paths.metrics / "verify.json").read_text())
     assert written["status"] == "pass"  # the deletion refreshed the DVC metric
+
+
+def test_without_an_owner_there_is_nothing_to_verify_and_nothing_fails(prepared):
+    from obliviate.verify import verify
+
+    result = verify(prepared)  # blocks written without a verifying owner
+    assert result["status"] == "no_owner" and result["passed"] is True

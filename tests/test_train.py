@@ -80,7 +80,6 @@ def test_store_is_plain_zarr_with_layout(prepared):
 def test_interrupted_training_resumes_to_the_same_store(prepared, tmp_path):
     reference = stored_training(prepared)
     want = reference.params[:]
-    ParamStore.open(prepared.paths.store)  # still opens
     import shutil
 
     shutil.rmtree(prepared.paths.store)

@@ -9,12 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PositiveInt,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from obliviate.errors import ConfigError
+from obliviate.objectstore import Location, StoreURL, is_url
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "purchase", "cifar10", "svhn", "imagenet"]
 ModelName = Literal["lenet5", "mlp", "resnet18", "vgg11", "resnet50"]
@@ -26,12 +38,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _location(value: object) -> Location:
+    if isinstance(value, Path | StoreURL):
+        return value
+    raise PydanticCustomError("location", "input should be a path or a URL like s3://bucket/key")
+
+
+# A local Path or, for the parameter stores only, an object-storage URL kept as a string.
+StoreLocation = Annotated[
+    Location,
+    PlainValidator(_location),
+    PlainSerializer(str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "path"}),
+]
+URL_KEYS = ("store", "naive_store")  # the only paths that may live on object storage
+
+
 class PathsConfig(_Section):
     blocks: Path
     test: Path
-    store: Path
+    store: StoreLocation
     metrics: Path
-    naive_store: Path
+    naive_store: StoreLocation
     audit: Path
     reports: Path
     state: Path
@@ -120,7 +148,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _absolute_paths(self) -> Config:
         root = self.root.resolve()
-        resolved = {k: (root / v).resolve() for k, v in self.paths.model_dump().items()}
+        resolved = {
+            k: v if isinstance(v, StoreURL) else (root / v).resolve()
+            for k, v in self.paths.model_dump().items()
+        }
         object.__setattr__(self, "paths", PathsConfig(**resolved))
         object.__setattr__(self, "root", root)
         src = self.prepare.source
@@ -163,16 +194,21 @@ def config_from_dict(raw: dict, root: Path | str = ".", origin: str = "params") 
         raise ConfigError(f"{origin}: unknown key 'root'; remove it.")
     try:
         # YAML gives str for paths; strict mode wants Path, so convert path-typed keys first.
-        return Config.model_validate({**_paths_as_path(raw), "root": Path(root)})
+        return Config.model_validate({**_paths_as_path(raw, origin), "root": Path(root)})
     except ValidationError as exc:
         raise ConfigError(_one_sentence(exc, origin)) from None
 
 
-def _paths_as_path(raw: dict) -> dict:
+def _paths_as_path(raw: dict, origin: str) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for key, val in (out.get("paths") or {}).items():
+        if is_url(val) and key not in URL_KEYS:
+            raise ConfigError(
+                f"{origin}: 'paths.{key}' is {val!r}, but only paths.store and paths.naive_store "
+                "may be URLs; make it a local path in params.yaml."
+            )
         if isinstance(val, str):
-            out["paths"][key] = Path(val)
+            out["paths"][key] = StoreURL(val) if is_url(val) else Path(val)
     prep = out.get("prepare")
     if isinstance(prep, dict) and isinstance(prep.get("source"), str):
         prep["source"] = Path(prep["source"])

@@ -15,6 +15,7 @@ import numpy as np
 from obliviate import transaction as txn
 from obliviate.audit import file_digest, id_hash
 from obliviate.config import Config
+from obliviate.errors import StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
@@ -43,6 +44,7 @@ def compute(
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
     store = ParamStore.open(cfg.paths.store)
+    _require_local(cfg, store, request_id)
     store.require_complete()
     trainer = Trainer.from_config(cfg)
     before, _ = store.read(store.n_blocks)
@@ -85,6 +87,16 @@ def compute(
         stale = "a deletion changed the model; run `obliviate verify`"
         metrics["verify.json"] = {"status": "stale", "passed": False, "sentence": stale}
     return txn.stage(cfg, request_id, result, record, metrics, superseded)
+
+
+def _require_local(cfg: Config, store: ParamStore, request_id: str) -> None:
+    """Refuse a store on object storage before any work, closing the journal entry so that
+    recovery does not retry the request forever."""
+    try:
+        store.require_local()
+    except StoreError as exc:
+        txn.finish_request(txn.State.of(cfg), request_id, status="refused", why=str(exc))
+        raise
 
 
 def _can_verify(cfg: Config, manifest: dict) -> bool:

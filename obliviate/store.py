@@ -9,6 +9,9 @@ fingerprint of the params that built the store and ``completed``: the last row w
 Rows are written in order by a writer process (obliviate.store_writer) and ``completed`` moves
 after each write (zarr writes each file atomically), so an interrupted run resumes from row
 ``completed``.
+
+The path is a local folder or an object-storage URL (``s3://bucket/prefix``, see
+obliviate.objectstore); zarr reaches a URL through fsspec. Deletions need a local store.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from obliviate.errors import StoreError
+from obliviate.objectstore import Location, StoreURL, as_location, stored_bytes
 from obliviate.store_writer import encode, encode_end
 
 FORMAT = 1
@@ -48,17 +52,18 @@ class StoreMeta:
 
 
 class ParamStore:
-    def __init__(self, path: Path):
-        self.path = path
-        self.group = zarr.open_group(str(path), mode="r+")
+    def __init__(self, path: Location | str):
+        self.path = as_location(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
         self.params = self.group["params"]
         self.optimizer = self.group.get("optimizer")
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
-    def create(cls, path: Path, meta: StoreMeta, n_params: int, n_opt: int) -> ParamStore:
-        if path.exists():
-            shutil.rmtree(path)
+    def create(cls, path: Location | str, meta: StoreMeta, n_params: int, n_opt: int) -> ParamStore:
+        path = as_location(path)
+        if isinstance(path, Path) and path.exists():
+            shutil.rmtree(path)  # a URL's old objects go with mode "w" below (tests/test_s3.py)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         rows = meta.n_blocks + 1
         for name, width in (("params", n_params), ("optimizer", n_opt)):
@@ -76,7 +81,8 @@ class ParamStore:
         return cls(path)
 
     @classmethod
-    def open(cls, path: Path) -> ParamStore:
+    def open(cls, path: Location | str) -> ParamStore:
+        path = as_location(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"no parameter store at {path}; run `obliviate train` first.")
         store = cls(path)
@@ -171,8 +177,22 @@ class ParamStore:
             )
         self.params.attrs["obliviate"] = {**meta, "shifts": shifts, "fingerprint": fingerprint}
 
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.path, StoreURL)
+
+    def require_local(self) -> None:
+        """Deletions stage, hash and DVC-version the store's files: they need a local folder."""
+        if self.is_remote:
+            raise StoreError(
+                f"{self.path} is on object storage, but deletions need a local store (they hash "
+                "and DVC-version its files); copy it to a local folder, point paths.store at it "
+                "and run the deletion again."
+            )
+
     def files_for_rows(self, rows: list[int]) -> list[Path]:
         """The files that hold these rows (chunks of params and optimizer) plus the metadata."""
+        self.require_local()
         out = [self.path / "zarr.json", self.path / "params" / "zarr.json"]
         for name in ("params", "optimizer"):
             for k in rows:
@@ -213,6 +233,8 @@ class ParamStore:
 
     # ------------------------------------------------------------------ sizes
     def nbytes_stored(self) -> int:
+        if self.is_remote:
+            return stored_bytes(self.path)
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def nbytes_raw(self) -> int:

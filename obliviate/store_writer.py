@@ -44,7 +44,7 @@ def _read_exact(stream, n: int) -> bytes:
     return bytes(buf)
 
 
-def serve(store_path: Path, stream, flush_seconds: float = FLUSH_SECONDS) -> None:
+def serve(store_path: Path | str, stream, flush_seconds: float = FLUSH_SECONDS) -> None:
     """Write rows from ``stream`` (an unbuffered binary pipe) until the end marker.
 
     Rows are buffered and written as one slab when ``flush_seconds`` have passed since the last
@@ -91,7 +91,7 @@ def serve(store_path: Path, stream, flush_seconds: float = FLUSH_SECONDS) -> Non
 
 def main() -> int:
     try:
-        serve(Path(sys.argv[1]), sys.stdin.buffer.raw)
+        serve(sys.argv[1], sys.stdin.buffer.raw)  # a folder or a URL: ParamStore tells
     except Exception as exc:
         print(f"store writer: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3

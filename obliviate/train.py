@@ -8,6 +8,7 @@ replay of block k from the stored P_{k-1} reproduces P_k bit for bit (same machi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -101,6 +102,52 @@ def load_optimizer(opt, model: nn.Module, recipe: TrainConfig, vector: torch.Ten
         opt.state[p] = state
 
 
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in a data-parallel run (torch.distributed, started by torchrun).
+
+    Every rank draws the same batches; rank r trains on rows r, r+size, ... of each batch and the
+    gradients are summed across ranks, so one step equals the single-process step up to the
+    order of floating-point additions. For a fixed size the sums are deterministic (gloo's ring
+    order), so replay stays exact for that size.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_torch(cls) -> Parallel:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce_grads(self, model: nn.Module) -> None:
+        """Sum the gradients of every rank (one flat all-reduce; missing grads count as 0)."""
+        import torch.distributed as dist
+
+        params = list(model.parameters())
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
+        ])  # fmt: skip
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+
+SINGLE = Parallel()
+
+
 def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], torch.Tensor]:
     """x rows of a block -> float model inputs (N, *input_shape)."""
     if info.image_root is None:
@@ -130,6 +177,7 @@ def train_block(
     n_blocks: int,
     to_inputs: Callable[[np.ndarray], torch.Tensor],
     lr: float | None = None,
+    parallel: Parallel = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Train block k for recipe.epochs epochs from (theta, opt_state); return the new pair.
 
@@ -153,6 +201,7 @@ def train_block(
     order_rng = torch.Generator().manual_seed(seed)
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     loss_fn = nn.CrossEntropyLoss()
+    sum_loss = nn.CrossEntropyLoss(reduction="sum")
     model.train()
     for _ in range(recipe.epochs):
         order = torch.randperm(n_slots, generator=order_rng).numpy()  # within the block only
@@ -162,8 +211,14 @@ def train_block(
             if len(idx) == 0:  # every sample of this batch was forgotten
                 continue
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(to_inputs(x[idx])), labels[idx])  # (b, classes) vs (b,)
-            loss.backward()
+            if parallel.size == 1:
+                loss = loss_fn(model(to_inputs(x[idx])), labels[idx])  # (b, classes) vs (b,)
+                loss.backward()
+            else:  # this rank's share of the batch; the mean is over the whole batch
+                mine = idx[parallel.rank :: parallel.size]
+                if len(mine):
+                    (sum_loss(model(to_inputs(x[mine])), labels[mine]) / len(idx)).backward()
+                parallel.all_reduce_grads(model)
             opt.step()
     return flatten(model), flatten_optimizer(opt, model, recipe)
 
@@ -180,6 +235,7 @@ class Trainer:
     slots: tuple[int, ...]  # original size of each block
     to_inputs: Callable[[np.ndarray], torch.Tensor]
     p0: torch.Tensor  # P_0, the model as built from the seed (training moves self.model)
+    parallel: Parallel = SINGLE  # data-parallel rank and size (torchrun); single by default
 
     @classmethod
     def from_config(cls, cfg: Config) -> Trainer:
@@ -197,6 +253,7 @@ class Trainer:
             tuple(b["slots"] for b in manifest["blocks"]),
             make_inputs(info, cfg.train.image_size),
             flatten(model),
+            Parallel.from_torch(),
         )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -222,6 +279,7 @@ class Trainer:
             self.n_blocks,
             self.to_inputs,
             lr,
+            self.parallel,
         )
 
 
@@ -246,6 +304,13 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
                 f"{path} was built with other params or blocks; pass --overwrite to replace it "
                 "(or restore the params it was built with)."
             )
+        size = store.meta["extra"].get("parallel_size", 1)
+        if size != trainer.parallel.size:
+            raise StoreError(
+                f"{path} is being trained by {size} process(es), and replay is exact only for "
+                f"that number; resume with {size} (torchrun --nproc-per-node {size}) or pass "
+                "--overwrite."
+            )
         return store
     if path.exists() and not overwrite:
         raise StoreError(
@@ -257,7 +322,11 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
         n_blocks=trainer.n_blocks,
         layout=[asdict(e) for e in layout(trainer.model)],
         optimizer_layout=optimizer_layout(trainer.model, trainer.recipe),
-        extra={"dataset": asdict(trainer.info), "recipe": trainer.recipe.model_dump(mode="json")},
+        extra={
+            "dataset": asdict(trainer.info),
+            "recipe": trainer.recipe.model_dump(mode="json"),
+            "parallel_size": trainer.parallel.size,
+        },
     )
     store = ParamStore.create(path, meta, len(theta), 0 if opt is None else len(opt))
     store.write(0, theta.numpy(), None if opt is None else opt.numpy())
@@ -269,15 +338,24 @@ def stored_training(
 ) -> ParamStore:
     """Train blocks completed+1..B, writing P_k after each; resumable, refuses foreign stores.
 
-    ``on_block(k, n_samples)`` is called after block k is trained (for progress bars).
+    ``on_block(k, n_samples)`` is called after block k is trained (for progress bars). Under
+    torchrun every rank trains and rank 0 alone writes the store.
     """
     trainer = Trainer.from_config(cfg)
-    store = open_or_create_store(cfg, trainer, overwrite)
+    par = trainer.parallel
+    if par.rank == 0:
+        store = open_or_create_store(cfg, trainer, overwrite)
+    par.barrier()  # the other ranks open the store once rank 0 has created or checked it
+    if par.rank != 0:
+        store = ParamStore.open(cfg.paths.store)
     theta, opt = store.read(store.completed)
-    with store.async_writer() as writer:
+    writing = store.async_writer() if par.rank == 0 else contextlib.nullcontext()
+    with writing as writer:
         for k in range(store.completed + 1, trainer.n_blocks + 1):
             theta, opt = trainer.run_block(k, theta, opt)
-            writer.put(k, theta, opt)
+            if writer is not None:
+                writer.put(k, theta, opt)
             if on_block:
                 on_block(k, trainer.n_blocks)
+    par.barrier()
     return ParamStore.open(cfg.paths.store)  # the writer process changed it

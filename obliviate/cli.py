@@ -273,6 +273,125 @@ def report(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 @_user_errors
+def request(
+    ids: Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Allow emptying a block or removing a whole class.")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Queue a deletion request and print its id at once; the next drain forgets it."""
+    from obliviate import inbox
+    from obliviate.config import load_config
+    from obliviate.requests import read_request_file
+
+    wanted = list(ids or []) + (read_request_file(file) if file else [])
+    typer.echo(inbox.submit(load_config(params), wanted, force))
+
+
+@app.command()
+@_user_errors
+def drain(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Forget every queued request now, in one sweep (what the scheduled deployment runs)."""
+    _setup(params)
+    import flows.drain
+
+    r = flows.drain.drain_flow(str(params.resolve()))
+    typer.echo(
+        f"drained: {len(r['done'])} request(s) done"
+        + (f" by deletion {r['deletion']}" if r["deletion"] else "")
+        + f", {len(r['refused'])} refused"
+    )
+
+
+@app.command()
+@_user_errors
+def serve(
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule; default: params.yaml serve.cron.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the drain-inbox deployment: a Prefect server runs it on a cron schedule."""
+    from obliviate.errors import ObliviateError
+
+    cfg, _ = _setup(params)
+    from prefect.settings import PREFECT_API_URL
+
+    import flows.drain
+
+    if not PREFECT_API_URL.value():
+        raise ObliviateError(
+            "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
+            "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    schedule = cron or cfg.serve.cron
+    typer.echo(f"serving deployment drain-inbox/{cfg.serve.deployment} on '{schedule}'")
+    flows.drain.drain_flow.serve(
+        name=cfg.serve.deployment, cron=schedule, parameters={"params": str(params.resolve())}
+    )
+
+
+@app.command()
+@_user_errors
+def status(
+    request_id: Annotated[str | None, typer.Argument(help="A request id from `request`.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """One request's state, or the store, the last deletions and the inbox at a glance."""
+    from obliviate import inbox
+    from obliviate.config import load_config
+
+    cfg = load_config(params)
+    if request_id:
+        typer.echo(inbox.describe(inbox.get(cfg, request_id)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from obliviate.audit import read_records
+    from obliviate.errors import StoreError
+    from obliviate.store import ParamStore
+
+    console = Console()
+    try:
+        s = ParamStore.open(cfg.paths.store).summary()
+        console.print(
+            f"store {s['store']}: {s['dataset']}/{s['model']}, {s['completed']}/{s['blocks']} "
+            f"blocks, {s['deletion_shifts']} stitching shift(s), "
+            f"{s['stored_bytes'] / 2**20:.1f} MiB"
+        )
+    except StoreError as exc:
+        console.print(f"store: {exc}")
+    records = read_records(cfg.paths.audit)
+    table = Table(
+        "deletion",
+        "finished",
+        "samples",
+        "blocks",
+        "t",
+        "accuracy",
+        title=f"last deletions ({len(records)} in all)",
+    )
+    for r in records[-5:]:
+        blocks = ",".join(map(str, r["blocks"]))
+        n = str(len(r["sample_id_hashes"]))
+        table.add_row(r["request_id"], r["finished_at"], n, blocks, str(r["t"]),
+                      f"{r['accuracy_after']:.4f}")  # fmt: skip
+    console.print(table)
+    counts = inbox.counts(cfg)
+    console.print("inbox: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    requests = inbox.entries(cfg)
+    waiting = [e for e in requests if e["status"] in ("queued", "running")]
+    for e in waiting or requests[-1:]:  # what is pending, else the latest request
+        console.print("  " + inbox.describe(e))
+
+
+@app.command()
+@_user_errors
 def audit(
     params: ParamsOpt = Path("params.yaml"),
     as_json: Annotated[

@@ -21,6 +21,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -135,6 +136,18 @@ class ForgetConfig(_Section):
         return self
 
 
+class ServeConfig(_Section):
+    deployment: str = Field(min_length=1)  # the deployment's name (flow drain-inbox)
+    cron: str  # when the scheduled deployment drains the inbox
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("serve.cron must have 5 fields, e.g. '*/15 * * * *'")
+        return v
+
+
 class Config(_Section):
     paths: PathsConfig
     prepare: PrepareConfig
@@ -143,6 +156,7 @@ class Config(_Section):
     verify: VerifyConfig
     forget: ForgetConfig
     report: ReportConfig
+    serve: ServeConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
 
     @model_validator(mode="after")

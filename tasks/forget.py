@@ -28,8 +28,8 @@ def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
 
 
 @task(**NO_CACHE)
-def journal(cfg: Config, ids: list[str], force: bool) -> str:
-    request_id = txn.new_request_id()
+def journal(cfg: Config, ids: list[str], force: bool, request_id: str | None = None) -> str:
+    request_id = request_id or txn.new_request_id()
     txn.journal_request(txn.State.of(cfg), request_id, ids, force)
     get_run_logger().info("request %s accepted: %d sample(s)", request_id, len(ids))
     return request_id

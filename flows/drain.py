@@ -1,0 +1,42 @@
+"""The drain flow: forget every queued deletion request in one sweep.
+
+`obliviate serve` runs it as a Prefect deployment on a cron schedule; `obliviate drain` runs it
+once. Its only parameter is the path of params.yaml, so the Prefect database holds no sample id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from obliviate.config import load_config
+from obliviate.transaction import State, new_request_id
+from tasks import forget as f
+from tasks import inbox as t
+
+
+@flow(name="drain-inbox")
+def drain_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(Path(params))
+    record, finished = None, []
+    with State.of(cfg).lock():  # one writer at a time; an OS lock, freed if we are killed
+        f.recover(cfg)
+        t.reconcile(cfg)
+        batch = t.claim(cfg)
+        if batch.ids:
+            deletion_id = new_request_id()
+            t.mark_running(cfg, batch, deletion_id)
+            f.journal(cfg, batch.ids, batch.force, deletion_id)
+            f.retrain_and_stage(cfg, deletion_id, batch.ids, batch.force)
+            record = f.apply(cfg, deletion_id)
+            finished = t.mark_done(cfg, batch)
+    if record is not None:
+        f.report(cfg, record)
+        f.publish(cfg, record)
+    t.publish(cfg, batch, finished, record)
+    return {
+        "deletion": None if record is None else record["request_id"],
+        "done": [e["request_id"] for e in finished],
+        "refused": [e["request_id"] for e in batch.refused],
+    }

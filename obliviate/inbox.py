@@ -1,0 +1,161 @@
+"""The deletion inbox: requests wait here until a drain forgets them in one sweep.
+
+    <state>/inbox/<request_id>.json    one file per request, written atomically (tmp + rename)
+
+A request moves queued -> running -> done | refused. ``submit`` needs no writer lock (a new file
+with a unique name), so it returns at once while a deletion runs; ``drain`` (under the writer
+lock) batches every queued request into one deletion. Requests are files, so they survive a
+restart of the Prefect server and of the worker; a drain killed mid-way leaves its requests
+``running`` with the deletion's id, and the next drain marks them done if the audit holds that
+deletion, or queues them again. Once a request is finished its raw ids are dropped: only their
+hashes stay, so the inbox keeps no trace of a forgotten sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from obliviate.audit import id_hash, read_records
+from obliviate.config import Config
+from obliviate.errors import RequestError
+from obliviate.objectstore import StoreURL
+from obliviate.requests import plan_deletion
+from obliviate.store import ParamStore
+
+STATUSES = ("queued", "running", "done", "refused")
+
+
+def inbox_dir(cfg: Config) -> Path:
+    return cfg.paths.state / "inbox"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _write(folder: Path, entry: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{entry['request_id']}.json"
+    tmp = folder / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(entry, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
+    """Queue a deletion request and return its id; refuse bad input at once, writing nothing."""
+    plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # unknown, forgotten, unsafe
+    if isinstance(cfg.paths.store, StoreURL):  # refuse now, not at every drain
+        ParamStore(cfg.paths.store).require_local()
+    request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
+             "n_samples": len(ids), "submitted_at": _now(), "order": time.time_ns()}  # fmt: skip
+    _write(inbox_dir(cfg), entry)
+    return request_id
+
+
+def entries(cfg: Config) -> list[dict]:
+    """Every request, oldest first."""
+    folder = inbox_dir(cfg)
+    if not folder.is_dir():
+        return []
+    found = [json.loads(p.read_text()) for p in folder.glob("req-*.json")]
+    return sorted(found, key=lambda e: e["order"])
+
+
+def get(cfg: Config, request_id: str) -> dict:
+    path = inbox_dir(cfg) / f"{request_id}.json"
+    if "/" in request_id or not path.is_file():
+        raise RequestError(
+            f"no deletion request {request_id!r}; `obliviate status` lists the known ones."
+        )
+    return json.loads(path.read_text())
+
+
+def finish(cfg: Config, entry: dict, status: str, reason: str | None = None) -> dict:
+    """Mark a request done or refused and drop its raw ids (hashes stay)."""
+    ids = entry.pop("ids", [])
+    entry |= {"status": status, "finished_at": _now(), "reason": reason,
+              "id_hashes": entry.get("id_hashes") or sorted(id_hash(i) for i in ids)}  # fmt: skip
+    _write(inbox_dir(cfg), entry)
+    return entry
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one drain forgets: the accepted requests and the union of their ids."""
+
+    accepted: list[dict]
+    refused: list[dict]
+    ids: list[str]
+    force: bool
+
+
+def reconcile(cfg: Config) -> list[dict]:
+    """After a crash: running requests whose deletion is in the audit are done; others queue
+    again. Call under the writer lock, after the deletion journal's own recovery."""
+    audited = {r["request_id"] for r in read_records(cfg.paths.audit)}
+    changed = []
+    for e in entries(cfg):
+        if e["status"] != "running":
+            continue
+        if e.get("deletion") in audited:
+            changed.append(finish(cfg, e, "done"))
+        else:
+            e |= {"status": "queued", "deletion": None}
+            _write(inbox_dir(cfg), e)
+            changed.append(e)
+    return changed
+
+
+def claim(cfg: Config) -> Batch:
+    """Validate queued requests in order; refuse the ones that cannot go (with the reason) and
+    batch the rest. A request that is fine alone but not together with the earlier ones (e.g.
+    both would empty one block) is refused: first come, first served."""
+    accepted, refused, ids, force = [], [], [], False
+    for e in entries(cfg):
+        if e["status"] != "queued":
+            continue
+        new = [i for i in e["ids"] if i not in set(ids)]
+        try:
+            plan_deletion(ids + new, cfg.paths.blocks, cfg.paths.audit, force or e["force"])
+        except RequestError as exc:
+            refused.append(finish(cfg, e, "refused", str(exc)))
+            continue
+        accepted.append(e)
+        ids += new
+        force = force or e["force"]
+    return Batch(accepted, refused, ids, force)
+
+
+def mark_running(cfg: Config, batch: Batch, deletion_id: str) -> None:
+    for e in batch.accepted:
+        e |= {"status": "running", "deletion": deletion_id, "started_at": _now()}
+        _write(inbox_dir(cfg), e)
+
+
+def mark_done(cfg: Config, batch: Batch) -> list[dict]:
+    return [finish(cfg, e, "done") for e in batch.accepted]
+
+
+def counts(cfg: Config) -> dict[str, int]:
+    out = dict.fromkeys(STATUSES, 0)
+    for e in entries(cfg):
+        out[e["status"]] += 1
+    return out
+
+
+def describe(entry: dict) -> str:
+    """One line for `obliviate status REQUEST_ID`."""
+    base = f"{entry['request_id']}: {entry['status']} ({entry['n_samples']} sample(s)"
+    if entry["status"] == "queued":
+        return f"{base}, submitted {entry['submitted_at']}; waiting for the next drain)"
+    if entry["status"] == "running":
+        return f"{base}, deletion {entry['deletion']} started {entry['started_at']})"
+    if entry["status"] == "done":
+        return f"{base}, forgotten by deletion {entry['deletion']} at {entry['finished_at']})"
+    return f"{base}, refused at {entry['finished_at']}): {entry['reason']}"

@@ -1,0 +1,90 @@
+"""The deletion inbox: durable requests, batching, refusals, crash reconciliation."""
+
+import json
+
+import pytest
+
+from obliviate import inbox
+from obliviate.audit import append_record, id_hash
+from obliviate.errors import RequestError
+from obliviate.partition import load_block
+
+
+def ids_of(cfg, k: int, n: int) -> list[str]:
+    return [str(i) for i in load_block(cfg.paths.blocks, k).ids[:n]]
+
+
+def test_a_request_is_queued_at_once_and_reported(prepared):
+    wanted = ids_of(prepared, 2, 2)
+    rid = inbox.submit(prepared, wanted)
+    entry = inbox.get(prepared, rid)
+    assert entry["status"] == "queued" and entry["ids"] == wanted
+    assert inbox.counts(prepared)["queued"] == 1
+    assert "queued (2 sample(s)" in inbox.describe(entry)
+
+
+@pytest.mark.parametrize("bad", [["digits:999999"], []])
+def test_bad_requests_are_refused_at_once_and_leave_nothing(prepared, bad):
+    with pytest.raises(RequestError):
+        inbox.submit(prepared, bad)
+    assert inbox.entries(prepared) == []
+    assert not inbox.inbox_dir(prepared).exists() or not any(inbox.inbox_dir(prepared).iterdir())
+
+
+def test_unknown_request_id_is_a_clear_error(prepared):
+    with pytest.raises(RequestError, match="no deletion request 'req-nope'"):
+        inbox.get(prepared, "req-nope")
+    with pytest.raises(RequestError):
+        inbox.get(prepared, "../../params")
+
+
+def test_claim_batches_queued_requests_and_refuses_what_became_invalid(prepared):
+    a, b = ids_of(prepared, 1, 2), ids_of(prepared, 4, 1)
+    first = inbox.submit(prepared, a)
+    second = inbox.submit(prepared, [a[0], *b])  # overlaps the first: one sweep forgets both
+    gone = ids_of(prepared, 5, 1)
+    third = inbox.submit(prepared, gone)
+    append_record(prepared.paths.audit, {"request_id": "del-x", "sample_id_hashes":
+                                         [id_hash(gone[0])]})  # fmt: skip
+    batch = inbox.claim(prepared)
+    assert [e["request_id"] for e in batch.accepted] == [first, second]
+    assert sorted(batch.ids) == sorted([*a, *b])
+    refused = inbox.get(prepared, third)
+    assert refused["status"] == "refused" and "already forgotten" in refused["reason"]
+
+
+def test_first_come_first_served_when_requests_conflict(prepared):
+    block = ids_of(prepared, 3, 10_000)
+    half = len(block) // 2
+    first = inbox.submit(prepared, block[:half])
+    second = inbox.submit(prepared, block[half:])  # together they would empty block 3
+    batch = inbox.claim(prepared)
+    assert [e["request_id"] for e in batch.accepted] == [first]
+    assert inbox.get(prepared, second)["status"] == "refused"
+
+
+def test_finished_requests_keep_hashes_not_ids(prepared):
+    wanted = ids_of(prepared, 2, 1)
+    rid = inbox.submit(prepared, wanted)
+    batch = inbox.claim(prepared)
+    inbox.mark_running(prepared, batch, "del-1")
+    inbox.mark_done(prepared, batch)
+    entry = inbox.get(prepared, rid)
+    assert entry["status"] == "done" and entry["id_hashes"] == [id_hash(wanted[0])]
+    on_disk = b"".join(p.read_bytes() for p in inbox.inbox_dir(prepared).iterdir())
+    assert wanted[0].encode() not in on_disk
+
+
+def test_reconcile_after_a_killed_drain(prepared):
+    landed, lost = inbox.submit(prepared, ids_of(prepared, 2, 1)), None
+    batch = inbox.claim(prepared)
+    inbox.mark_running(prepared, batch, "del-landed")
+    lost = inbox.submit(prepared, ids_of(prepared, 4, 1))
+    batch = inbox.claim(prepared)
+    inbox.mark_running(prepared, batch, "del-lost")
+    append_record(prepared.paths.audit, {"request_id": "del-landed", "sample_id_hashes": []})
+    inbox.reconcile(prepared)
+    assert inbox.get(prepared, landed)["status"] == "done"
+    requeued = inbox.get(prepared, lost)
+    assert requeued["status"] == "queued" and requeued["ids"]
+    assert json.loads(json.dumps(requeued))["deletion"] is None

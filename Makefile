@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast verify-cycle lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ test: lint                    ## lint + the whole test suite (slow tests include
 
 test-fast: lint               ## lint + unit tests only
 	pytest -m "not slow"
+
+verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
+	.ci/verify-cycle
 
 bench: install                ## the benchmarks of docs/benchmarks.md (~25 min)
 	python benchmarks/stored_training.py

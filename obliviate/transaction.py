@@ -227,7 +227,9 @@ def commit_versions(cfg: Config, request_id: str) -> str:
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         return "no DVC project"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    _run(["dvc", "commit", "--force", "--quiet"], root, env)
+    stages = locked_stages(root)  # the stages that ran; one that never ran has no outputs yet
+    if stages:
+        _run(["dvc", "commit", "--force", *stages], root, env)
     if _run(["git", "rev-parse", "--is-inside-work-tree"], root, env, check=False) != 0:
         return "dvc"
     paths = [p for p in ("dvc.lock", os.path.relpath(cfg.paths.audit, root)) if (root / p).exists()]
@@ -244,6 +246,16 @@ def commit_versions(cfg: Config, request_id: str) -> str:
         env,
     )
     return "dvc+git"
+
+
+def locked_stages(root: Path) -> list[str]:
+    """Stage names recorded in dvc.lock."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    return (
+        sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
+    )
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from obliviate.config import Config
+from obliviate.transaction import State
 from tasks import data, training
 
 
@@ -17,7 +18,8 @@ def partition_flow(cfg: Config) -> dict:
     blocks = data.partition_blocks(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     data.gate_partition(ds.train.ids, ds.train.y, blocks)
     planted, owners = data.plant_owner(cfg, ds, blocks)
-    manifest = data.write_blocks(cfg, planted, blocks, owners)
+    with State.of(cfg).lock():  # blocks change: one writer at a time (see forget)
+        manifest = data.write_blocks(cfg, planted, blocks, owners)
     summary = {
         "dataset": ds.info.name,
         "blocks": manifest["n_blocks"],
@@ -30,8 +32,9 @@ def partition_flow(cfg: Config) -> dict:
 
 @flow(name="stored-training")
 def train_flow(cfg: Config, overwrite: bool = False) -> dict:
-    summary = training.stored_training(cfg, overwrite)
-    training.measure_original(cfg)
+    with State.of(cfg).lock():  # the store changes: one writer at a time (see forget)
+        summary = training.stored_training(cfg, overwrite)
+        training.measure_original(cfg)
     training.publish_summary(summary, key="stored-training")
     return summary
 

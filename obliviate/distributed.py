@@ -13,6 +13,7 @@ difference between N-process and one-process arithmetic (tests/test_distributed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,11 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     from obliviate.config import load_config
     from obliviate.errors import ObliviateError
     from obliviate.train import stored_training
+    from obliviate.transaction import State
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
-        store = stored_training(load_config(args.params), overwrite=args.overwrite)
+        cfg = load_config(args.params)
+        # rank 0 writes the store, so it alone takes the writer lock that deletions take
+        lock = State.of(cfg).lock() if rank == 0 else contextlib.nullcontext()
+        with lock:
+            store = stored_training(cfg, overwrite=args.overwrite)
         if rank == 0:
             s = store.summary()
             print(f"stored {s['completed']}/{s['blocks']} blocks with {dist.get_world_size()} "

@@ -34,7 +34,7 @@ def drain_flow(params: str = "params.yaml") -> dict:
     if record is not None:
         f.report(cfg, record)
         f.publish(cfg, record)
-    t.publish(cfg, batch, finished, record)
+    t.publish(cfg, batch, finished)
     return {
         "deletion": None if record is None else record["request_id"],
         "done": [e["request_id"] for e in finished],

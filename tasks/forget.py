@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 from obliviate import deletion, requests
 from obliviate import transaction as txn
@@ -89,3 +95,13 @@ def publish(cfg: Config, record: dict) -> None:
         f"### Residual memory of {record['request_id']}\n\nDelta series: {deltas}\n\nPlot: `{png}`",
         key="deletion-delta",
     )
+    create_link_artifact(png.as_uri(), link_text=f"Delta plot of {record['request_id']}",
+                         key="deletion-delta-plot")  # fmt: skip
+    verdict = cfg.paths.metrics / "verify.json"  # refreshed by the deletion for the new model
+    if verdict.is_file():
+        v = json.loads(verdict.read_text())
+        create_markdown_artifact(
+            f"### Verification after {record['request_id']}: {v['status'].upper()}\n\n"
+            f"{v['sentence']}",
+            key="verification",
+        )

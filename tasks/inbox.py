@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 from obliviate import inbox
 from obliviate.config import Config
@@ -42,10 +42,8 @@ def mark_done(cfg: Config, batch: inbox.Batch) -> list[dict]:
 
 
 @task(**NO_CACHE)
-def publish(cfg: Config, batch: inbox.Batch, finished: list[dict], record: dict | None) -> None:
-    """The drain's summary table (one row per request) and the verification verdict."""
-    import json
-
+def publish(cfg: Config, batch: inbox.Batch, finished: list[dict]) -> None:
+    """The drain's summary table: one row per request it finished or refused."""
     rows = [
         {"request": e["request_id"], "status": e["status"], "samples": e["n_samples"],
          "deletion": e.get("deletion") or "", "reason": e.get("reason") or ""}
@@ -57,11 +55,3 @@ def publish(cfg: Config, batch: inbox.Batch, finished: list[dict], record: dict 
         key="drain-inbox",
         description=f"drain summary; queued requests left: {left}",
     )
-    verdict = cfg.paths.metrics / "verify.json"
-    if record is not None and verdict.is_file():
-        v = json.loads(verdict.read_text())
-        create_markdown_artifact(
-            f"### Verification after {record['request_id']}: {v['status'].upper()}\n\n"
-            f"{v['sentence']}",
-            key="verification",
-        )

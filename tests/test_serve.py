@@ -135,7 +135,13 @@ def test_a_scheduled_deployment_drains_requests_queued_while_everything_was_down
         runs = api(url, "/flow_runs/filter", {"flow_runs": completed})
         assert runs, "no completed run of the deployment"
         keys = {a["key"] for a in api(url, "/artifacts/filter", {})}
-        assert {"drain-inbox", "deletion", "deletion-delta"} <= keys
+        assert {
+            "drain-inbox",
+            "deletion",
+            "deletion-delta",
+            "deletion-delta-plot",
+            "verification",
+        } <= keys
     finally:
         stop(worker), stop(server)
     records = [json.loads(x) for x in (workspace / "audit" / "deletions.jsonl").open()]

@@ -108,7 +108,7 @@ class VerifyConfig(_Section):
     queries: PositiveInt
     alpha: float = Field(gt=0, lt=1)
     min_power: float = Field(ge=0, le=1)
-    q_source: Literal["clean", "naive"]
+    q_source: Literal["clean", "control", "naive"]
     q_confidence: float = Field(gt=0, lt=1)
 
     @property

@@ -103,7 +103,7 @@ def _can_verify(cfg: Config, manifest: dict) -> bool:
     return (
         cfg.verify.enabled
         and bool(owner_hashes(manifest))
-        and cfg.verify.q_source == "clean"
+        and cfg.verify.q_source in ("clean", "control")
         and (cfg.paths.metrics / "original.json").is_file()
     )
 

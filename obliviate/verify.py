@@ -57,6 +57,19 @@ def apply_trigger(x: np.ndarray, info: DatasetInfo, v: VerifyConfig) -> np.ndarr
     return x
 
 
+_OPPOSITE = {"top-left": "bottom-right", "bottom-right": "top-left",
+             "top-right": "bottom-left", "bottom-left": "top-right"}  # fmt: skip
+
+
+def control_trigger(v: VerifyConfig, n_features: int) -> VerifyConfig:
+    """A trigger of the same kind that the owner never used: the patch in the opposite corner,
+    or the out-of-range value on the next features. How often it yields the target estimates
+    the hit rate of a model that never learned the owner's trigger (H0), without a naive model.
+    """
+    shifted = [(f + len(v.features)) % n_features for f in v.features]
+    return v.model_copy(update={"patch_corner": _OPPOSITE[v.patch_corner], "features": shifted})
+
+
 def plant_owner(
     dataset: Dataset, blocks: list[np.ndarray], v: VerifyConfig, seed: int
 ) -> tuple[Dataset, list[str]]:
@@ -98,16 +111,25 @@ def queries(test: Samples, v: VerifyConfig, seed: int) -> np.ndarray:
 
 
 def hit_counts(cfg: Config, trainer, theta: np.ndarray) -> dict:
-    """Target predictions on the triggered and on the clean query inputs."""
+    """Target predictions on the query inputs: triggered, clean, and with the control trigger."""
     from obliviate.compare import predictions_on
     from obliviate.partition import load_samples
 
     test = load_samples(cfg.paths.test)
     q = queries(test, cfg.verify, cfg.prepare.seed)
-    triggered = apply_trigger(test.x[q], trainer.info, cfg.verify)
-    hits = int((predictions_on(cfg, trainer, theta, triggered) == cfg.verify.target).sum())
-    clean = int((predictions_on(cfg, trainer, theta, test.x[q]) == cfg.verify.target).sum())
-    return {"hits": hits, "clean_hits": clean, "n": len(q), "rate": hits / max(1, len(q))}
+    control = control_trigger(cfg.verify, test.x.shape[1])
+
+    def hits(x: np.ndarray) -> int:
+        return int((predictions_on(cfg, trainer, theta, x) == cfg.verify.target).sum())
+
+    n_hits = hits(apply_trigger(test.x[q], trainer.info, cfg.verify))
+    return {
+        "hits": n_hits,
+        "clean_hits": hits(test.x[q]),
+        "control_hits": hits(apply_trigger(test.x[q], trainer.info, control)),
+        "n": len(q),
+        "rate": n_hits / max(1, len(q)),
+    }
 
 
 @dataclass(frozen=True)
@@ -261,7 +283,9 @@ def verify(
         naive = ParamStore.open(naive_path)
         if naive.completed == naive.n_blocks:
             naive_counts = hit_counts(cfg, trainer, naive.read(naive.n_blocks)[0])
-    if v.q_source == "naive":
+    if v.q_source == "control":
+        q_hits, q_n, source = counts["control_hits"], counts["n"], "control trigger"
+    elif v.q_source == "naive":
         if naive_counts is None:
             raise StoreError(
                 "verify.q_source is naive but there is no naive model; "

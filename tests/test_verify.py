@@ -11,7 +11,7 @@ from obliviate.config import load_config
 from obliviate.data import DatasetInfo, load_dataset
 from obliviate.errors import ConfigError
 from obliviate.partition import balanced_partition, write_blocks
-from obliviate.verify import apply_trigger, binomial_gate, plant_owner
+from obliviate.verify import apply_trigger, binomial_gate, control_trigger, plant_owner
 
 V = load_config(ROOT / "params.yaml").verify
 
@@ -28,6 +28,16 @@ def test_tabular_trigger_sets_out_of_range_features():
     info = DatasetInfo("toy", 2, (5,), 1.0)
     t = apply_trigger(np.zeros((3, 5), np.float32), info, V.model_copy(update={"features": [1, 3]}))
     assert (t[:, [1, 3]] == V.feature_value).all() and (t[:, [0, 2, 4]] == 0).all()
+
+
+def test_control_trigger_is_the_same_kind_somewhere_the_owner_never_used():
+    info = DatasetInfo("toy", 10, (1, 8, 8), 16.0)
+    v = V.model_copy(update={"patch": 3, "patch_corner": "top-left", "features": [0, 1]})
+    control = control_trigger(v, n_features=5)
+    t = apply_trigger(np.zeros((1, 1, 8, 8), np.uint8), info, control)
+    assert (t[0, 0, 5:, 5:] == 16).all() and t.sum() == 9 * 16  # the opposite corner
+    assert control.features == [2, 3]  # tabular: the next features, same value
+    assert set(control_trigger(v.model_copy(update={"features": [3, 4]}), 5).features) == {0, 1}
 
 
 def test_owner_is_planted_in_its_block_only(small_cfg):

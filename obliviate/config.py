@@ -128,6 +128,11 @@ class ForgetConfig(_Section):
     method: Literal["dfa", "fit"]
     min_blocks: PositiveInt
     max_blocks: PositiveInt
+    # the accuracy guard: never serve a stitched M' whose accuracy on guard_samples training
+    # samples (from unaffected blocks) is below the served model's by more than this; retrain
+    # further instead, up to the end of the store (which is naive retraining from block d)
+    max_accuracy_drop: float | None = Field(ge=0, le=1)
+    guard_samples: PositiveInt
 
     @model_validator(mode="after")
     def _order(self) -> ForgetConfig:

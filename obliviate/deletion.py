@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from obliviate import transaction as txn
 from obliviate.audit import file_digest, id_hash
@@ -37,6 +38,38 @@ def stop_rule(cfg: Config) -> StopRule:
     return StopRule(f.epsilon, f.min_blocks, f.max_blocks, f.method)
 
 
+def accuracy_guard(cfg: Config, trainer: Trainer, plan: dict, served: np.ndarray):
+    """forget.max_accuracy_drop as a predicate on M': its accuracy on training samples of blocks
+    the request does not touch (the last ones, up to forget.guard_samples) must stay within the
+    drop of the served model's. Training samples, so that the test set stays unseen."""
+    from obliviate.evaluate import predict
+    from obliviate.models import load_flat
+    from obliviate.partition import load_block
+
+    drop = cfg.forget.max_accuracy_drop
+    if drop is None:
+        return None
+    xs, ys, k = [], [], trainer.n_blocks
+    while sum(map(len, ys)) < cfg.forget.guard_samples and k >= 1:
+        if k not in plan:
+            block = load_block(cfg.paths.blocks, k)
+            xs.append(block.x), ys.append(block.y)
+        k -= 1
+    if not ys:
+        return None
+    x = np.concatenate(xs)[: cfg.forget.guard_samples]
+    y = np.concatenate(ys)[: cfg.forget.guard_samples]
+
+    def acc(theta: np.ndarray) -> float:
+        load_flat(trainer.model, torch.as_tensor(theta))
+        return float(
+            (predict(trainer.model, x, trainer.to_inputs, cfg.evaluate.batch_size) == y).mean()
+        )
+
+    floor = acc(served) - drop
+    return lambda theta: acc(theta) >= floor
+
+
 def compute(
     cfg: Config, request_id: str, ids: list[str], force: bool, plan: dict | None = None
 ) -> dict:
@@ -49,7 +82,7 @@ def compute(
     trainer = Trainer.from_config(cfg)
     before, _ = store.read(store.n_blocks)
     manifest = read_manifest(cfg.paths.blocks)
-    result = sweep(trainer, store, plan, stop_rule(cfg))
+    result = sweep(trainer, store, plan, stop_rule(cfg), accuracy_guard(cfg, trainer, plan, before))
     crashpoint("after_retrain")
     n_test_acc = accuracy(trainer, result.served, cfg)
     rows = list(range(result.first, result.stop + 1))

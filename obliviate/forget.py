@@ -11,6 +11,7 @@ sample when its block is reached; the stop rule looks at Delta from d_last on (x
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ class Sweep:
     deltas: list[float]  # Delta_k for k = d..stop
     fits: list[dict]  # per step from d_last on: n, h, a, b, slope
     reason: str  # why retraining stopped
+    guard_rejections: int  # stops the accuracy guard refused (each cost one more block)
     thetas: np.ndarray  # (stop-d+1, |theta|) float32 P'_d..P'_stop
     opts: np.ndarray | None  # matching optimizer states
     served: np.ndarray  # M' = P'_stop + (P_B - P_stop), float32
@@ -51,6 +53,7 @@ class Sweep:
             "t": self.t,
             "retrained_blocks": self.stop - self.first + 1,
             "reason": self.reason,
+            "guard_rejections": self.guard_rejections,
             "deltas": self.deltas,
             "fits": self.fits,
             "train_seconds": self.train_seconds,
@@ -64,14 +67,31 @@ def l1_update_distance(old_prev, old_cur, new_prev, new_cur) -> float:
     return float(np.abs((old_cur.astype(f) - old_prev) - (new_cur.astype(f) - new_prev)).sum())
 
 
-def sweep(trainer: Trainer, store: ParamStore, plan: dict[int, list[str]], rule: StopRule) -> Sweep:
-    """Retrain from the first affected block until the stop rule fires; stitch M'."""
+def stitch(final: np.ndarray, new_stop: np.ndarray, old_stop: np.ndarray) -> np.ndarray:
+    """M' = P'_stop + (P_B - P_stop), computed in float64."""
+    f = np.float64
+    return (final.astype(f) + (new_stop.astype(f) - old_stop)).astype(np.float32)
+
+
+def sweep(
+    trainer: Trainer,
+    store: ParamStore,
+    plan: dict[int, list[str]],
+    rule: StopRule,
+    accept: Callable[[np.ndarray], bool] | None = None,
+) -> Sweep:
+    """Retrain from the first affected block until the stop rule fires; stitch M'.
+
+    ``accept(M')``, the accuracy guard, may refuse a stop: retraining then goes on, block by
+    block, until it accepts or the store ends (where M' is the retrained model itself).
+    """
     start = time.perf_counter()
     first, last, n_blocks = min(plan), max(plan), store.n_blocks
     new_prev, opt = store.read(first - 1)
     old_prev = new_prev
+    final, _ = store.read(n_blocks)
     deltas, fits, thetas, opts, new_blocks = [], [], [], [], {}
-    train_s, reason, k = 0.0, "end_of_store", first
+    train_s, reason, k, rejections = 0.0, "end_of_store", first, 0
     for k in range(first, n_blocks + 1):
         block = load_block(trainer.blocks_dir, k)
         if k in plan:
@@ -91,6 +111,9 @@ def sweep(trainer: Trainer, store: ParamStore, plan: dict[int, list[str]], rule:
             stop, why, fit = rule.decide(deltas[last - first :])
             if fit is not None:
                 fits.append({"n": k - last + 1, **asdict(fit)})
+            if stop and k < n_blocks and accept and not accept(stitch(final, theta, old_cur)):
+                rejections += 1  # the stitched model lost too much: one more block
+                continue
             if stop:
                 reason = why
                 break
@@ -98,10 +121,8 @@ def sweep(trainer: Trainer, store: ParamStore, plan: dict[int, list[str]], rule:
     if stop_k == n_blocks:
         served, shift = new_prev, None
     else:
-        old_stop = old_prev.astype(np.float64)
-        shift = new_prev.astype(np.float64) - old_stop
-        final, _ = store.read(n_blocks)
-        served = (final.astype(np.float64) + shift).astype(np.float32)  # P'_stop + (P_B - P_stop)
+        shift = new_prev.astype(np.float64) - old_prev.astype(np.float64)
+        served = stitch(final, new_prev, old_prev)
     return Sweep(
         first=first,
         last_affected=last,
@@ -109,6 +130,7 @@ def sweep(trainer: Trainer, store: ParamStore, plan: dict[int, list[str]], rule:
         deltas=deltas,
         fits=fits,
         reason=reason,
+        guard_rejections=rejections,
         thetas=np.stack(thetas),
         opts=None if opts[0] is None else np.stack(opts),
         served=served,

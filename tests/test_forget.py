@@ -113,3 +113,41 @@ def test_refused_request_changes_nothing(trained):
     with pytest.raises(RequestError, match="unknown sample id"):
         forget(cfg, ["digits:424242"])
     assert snapshot() == before
+
+
+def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
+    from obliviate.deletion import stop_rule
+    from obliviate.forget import stitch, sweep
+
+    cfg = trained
+    store = ParamStore.open(cfg.paths.store)
+    trainer = Trainer.from_config(cfg)
+    plan = {3: [str(load_block(cfg.paths.blocks, 3).ids[1])]}
+    free = sweep(trainer, store, plan, stop_rule(cfg))
+    assert free.stop < store.n_blocks and free.guard_rejections == 0
+    seen = []
+
+    def refuse_twice(served):
+        seen.append(served)
+        return len(seen) > 2
+
+    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=refuse_twice)
+    assert guarded.stop == free.stop + 2 and guarded.guard_rejections == 2
+    assert np.array_equal(guarded.thetas[: len(free.thetas)], free.thetas)  # same retraining
+    old_stop = store.read(guarded.stop)[0]
+    final = store.read(store.n_blocks)[0]
+    assert np.array_equal(guarded.served, stitch(final, guarded.thetas[-1], old_stop))
+    never = sweep(trainer, store, plan, stop_rule(cfg), accept=lambda served: False)
+    assert never.stop == store.n_blocks and never.guard_rejections >= 1
+    assert np.array_equal(never.served, never.thetas[-1]) and never.shift is None
+
+
+def test_a_deletion_that_ruins_the_stitched_model_retrains_to_the_end(trained):
+    cfg = trained.model_copy(update={"forget": trained.forget.model_copy(
+        update={"max_accuracy_drop": 0.0})})  # fmt: skip
+    block = load_block(cfg.paths.blocks, 2)
+    _, keep = np.unique(block.y, return_index=True)  # the first sample of every class stays
+    ids = [str(i) for j, i in enumerate(block.ids) if j not in set(keep)]
+    r = forget(cfg, ids)  # almost all of block 2: stitching alone loses accuracy
+    assert r["guard_rejections"] >= 1
+    assert r["stop_block"] == cfg.prepare.blocks or r["stop_block"] > r["first_block"] + 4

@@ -19,6 +19,7 @@ Results: benchmarks/results/recipe-<case>.{json,md}; `--plot` draws recipe-<case
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -67,6 +68,7 @@ RECIPES: dict[str, dict] = {
     "sgd-0.01": {"train": {"optimizer": "sgd", "lr": 0.01}},
     "sgd-0.05": {"train": {"optimizer": "sgd", "lr": 0.05}},
     "sgd-0.05-constant": {"train": {"optimizer": "sgd", "lr": 0.05, "lr_schedule": "constant"}},
+    "default+guard": {"forget": {"max_accuracy_drop": 0.01}},  # the accuracy guard on
 }
 DEFAULT_SHARE = 1 / 3  # the owner's share of its block when a recipe does not say
 POSITIONS = ("first", "middle", "last-decile")
@@ -76,9 +78,18 @@ def position_block(position: str, n_blocks: int) -> int:
     return {"first": 1, "middle": n_blocks // 2, "last-decile": math.ceil(0.9 * n_blocks)}[position]
 
 
+BASE: dict = {}  # params.yaml as it was when the study started (edits meanwhile do not leak in)
+
+
 def study_config(case: str, recipe: str, workdir: Path, seed: int) -> tuple[Config, float]:
-    """params.yaml + case + recipe (+ seed), every path under workdir; and the owner's share."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """params.yaml + case + recipe (+ seed), every path under workdir; and the owner's share.
+
+    The accuracy guard is off unless a recipe turns it on: the study measures stitching itself.
+    """
+    if not BASE:
+        BASE.update(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw = copy.deepcopy(BASE)
+    raw["forget"]["max_accuracy_drop"] = None
     for section, values in STUDY_CASES[case].items():
         raw[section].update(values)
     r = RECIPES[recipe]

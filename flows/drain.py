@@ -21,6 +21,7 @@ def drain_flow(params: str = "params.yaml") -> dict:
     cfg = load_config(Path(params))
     record, finished = None, []
     with State.of(cfg).lock():  # one writer at a time; an OS lock, freed if we are killed
+        t.preflight(cfg)
         f.recover(cfg)
         t.reconcile(cfg)
         batch = t.claim(cfg)
@@ -30,7 +31,7 @@ def drain_flow(params: str = "params.yaml") -> dict:
             f.journal(cfg, batch.ids, batch.force, deletion_id)
             f.retrain_and_stage(cfg, deletion_id, batch.ids, batch.force)
             record = f.apply(cfg, deletion_id)
-            finished = t.mark_done(cfg, batch)
+        finished = t.mark_done(cfg, batch)  # incl. requests whose ids were forgotten meanwhile
     if record is not None:
         f.report(cfg, record)
         f.publish(cfg, record)

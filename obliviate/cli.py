@@ -329,9 +329,14 @@ def serve(
             "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
     schedule = cron or cfg.serve.cron
+    if len(schedule.split()) != 5:
+        raise ObliviateError(f"--cron {schedule!r} must have 5 fields, e.g. '*/15 * * * *'.")
     typer.echo(f"serving deployment drain-inbox/{cfg.serve.deployment} on '{schedule}'")
-    flows.drain.drain_flow.serve(
-        name=cfg.serve.deployment, cron=schedule, parameters={"params": str(params.resolve())}
+    flows.drain.drain_flow.serve(  # limit 1: a slow drain is not overtaken by the next one
+        name=cfg.serve.deployment,
+        cron=schedule,
+        parameters={"params": str(params.resolve())},
+        limit=1,
     )
 
 

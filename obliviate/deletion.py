@@ -39,9 +39,10 @@ def stop_rule(cfg: Config) -> StopRule:
 
 
 def accuracy_guard(cfg: Config, trainer: Trainer, plan: dict, served: np.ndarray):
-    """forget.max_accuracy_drop as a predicate on M': its accuracy on training samples of blocks
-    the request does not touch (the last ones, up to forget.guard_samples) must stay within the
-    drop of the served model's. Training samples, so that the test set stays unseen."""
+    """forget.max_accuracy_drop as a predicate on M': its accuracy on forget.guard_samples
+    training samples, from up to 20 blocks spread over the run that the request does not touch,
+    must stay within the drop of the served model's. Training samples, so that the test set
+    stays unseen."""
     from obliviate.evaluate import predict
     from obliviate.models import load_flat
     from obliviate.partition import load_block
@@ -49,14 +50,13 @@ def accuracy_guard(cfg: Config, trainer: Trainer, plan: dict, served: np.ndarray
     drop = cfg.forget.max_accuracy_drop
     if drop is None:
         return None
-    xs, ys, k = [], [], trainer.n_blocks
-    while sum(map(len, ys)) < cfg.forget.guard_samples and k >= 1:
-        if k not in plan:
-            block = load_block(cfg.paths.blocks, k)
-            xs.append(block.x), ys.append(block.y)
-        k -= 1
-    if not ys:
+    untouched = [k for k in range(1, trainer.n_blocks + 1) if k not in plan]
+    if not untouched:
         return None
+    picks = np.unique(np.linspace(0, len(untouched) - 1, min(20, len(untouched))).astype(int))
+    per_block = -(-cfg.forget.guard_samples // len(picks))  # spread over the run
+    blocks = [load_block(cfg.paths.blocks, untouched[i]) for i in picks]
+    xs, ys = [b.x[:per_block] for b in blocks], [b.y[:per_block] for b in blocks]
     x = np.concatenate(xs)[: cfg.forget.guard_samples]
     y = np.concatenate(ys)[: cfg.forget.guard_samples]
 
@@ -76,8 +76,8 @@ def compute(
     """Retrain, stitch, evaluate and stage one deletion (nothing visible changes yet)."""
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    _require_local(cfg, request_id)
     store = ParamStore.open(cfg.paths.store)
-    _require_local(cfg, store, request_id)
     store.require_complete()
     trainer = Trainer.from_config(cfg)
     before, _ = store.read(store.n_blocks)
@@ -122,11 +122,13 @@ def compute(
     return txn.stage(cfg, request_id, result, record, metrics, superseded)
 
 
-def _require_local(cfg: Config, store: ParamStore, request_id: str) -> None:
-    """Refuse a store on object storage before any work, closing the journal entry so that
-    recovery does not retry the request forever."""
+def _require_local(cfg: Config, request_id: str) -> None:
+    """Refuse a store on object storage before any work (without opening it), closing the
+    journal entry so that recovery does not retry the request forever."""
+    from obliviate.inbox import require_local_store
+
     try:
-        store.require_local()
+        require_local_store(cfg)
     except StoreError as exc:
         txn.finish_request(txn.State.of(cfg), request_id, status="refused", why=str(exc))
         raise
@@ -157,6 +159,9 @@ def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
 
     Returns the audit record once the new state is committed; ``report`` draws its plot.
     """
+    from obliviate.inbox import require_local_store
+
+    require_local_store(cfg)  # before anything is journaled
     state = txn.State.of(cfg)
     with state.lock():
         txn.recover(cfg, execute)

@@ -13,7 +13,6 @@ difference between N-process and one-process arithmetic (tests/test_distributed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -25,20 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
+    from filelock import Timeout
 
     from obliviate.config import load_config
     from obliviate.errors import ObliviateError
-    from obliviate.train import stored_training
+    from obliviate.train import Parallel, stored_training
     from obliviate.transaction import State
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    lock = None
     try:
         cfg = load_config(args.params)
-        # rank 0 writes the store, so it alone takes the writer lock that deletions take
-        lock = State.of(cfg).lock() if rank == 0 else contextlib.nullcontext()
-        with lock:
-            store = stored_training(cfg, overwrite=args.overwrite)
+        error = None
+        if rank == 0:  # rank 0 writes the store, so it takes the writer lock deletions take
+            lock = State.of(cfg).lock(timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                lock = None
+                error = "another writer (a deletion, a drain or a training) holds the writer "
+                error += "lock; run again when it has finished."
+        Parallel.from_torch().agree(error)  # every rank stops, or none does
+        store = stored_training(cfg, overwrite=args.overwrite)
         if rank == 0:
             s = store.summary()
             print(f"stored {s['completed']}/{s['blocks']} blocks with {dist.get_world_size()} "
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if lock is not None:
+            lock.release()
         dist.destroy_process_group()
 
 

@@ -118,6 +118,8 @@ def sweep(
                 reason = why
                 break
     stop_k = k
+    if stop_k == n_blocks and rejections:
+        reason = "end_of_store"  # the guard refused every stitch: M' is the retrained model
     if stop_k == n_blocks:
         served, shift = new_prev, None
     else:

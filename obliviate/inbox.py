@@ -20,12 +20,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from obliviate.audit import id_hash, read_records
+from obliviate.audit import forgotten_hashes, id_hash, read_records
 from obliviate.config import Config
-from obliviate.errors import RequestError
+from obliviate.errors import RequestError, StoreError
 from obliviate.objectstore import StoreURL
 from obliviate.requests import plan_deletion
-from obliviate.store import ParamStore
 
 STATUSES = ("queued", "running", "done", "refused")
 
@@ -46,11 +45,26 @@ def _write(folder: Path, entry: dict) -> None:
     os.replace(tmp, path)
 
 
+def redact(text: str, ids: list[str]) -> str:
+    """A reason fit to keep: every sample id in it replaced by its hash's first 12 digits."""
+    for i in sorted(ids, key=len, reverse=True):
+        text = text.replace(i, f"<sha256:{id_hash(i)[:12]}>")
+    return text
+
+
+def require_local_store(cfg: Config) -> None:
+    """Deletions need a local store; say so before anything is opened, queued or journaled."""
+    if isinstance(cfg.paths.store, StoreURL):
+        raise StoreError(
+            f"{cfg.paths.store} is on object storage, but deletions need a local store; copy it "
+            "to a local folder, point paths.store at it and run the deletion again."
+        )
+
+
 def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
     """Queue a deletion request and return its id; refuse bad input at once, writing nothing."""
+    require_local_store(cfg)
     plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # unknown, forgotten, unsafe
-    if isinstance(cfg.paths.store, StoreURL):  # refuse now, not at every drain
-        ParamStore(cfg.paths.store).require_local()
     request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
              "n_samples": len(ids), "submitted_at": _now(), "order": time.time_ns()}  # fmt: skip
@@ -71,7 +85,8 @@ def get(cfg: Config, request_id: str) -> dict:
     path = inbox_dir(cfg) / f"{request_id}.json"
     if "/" in request_id or not path.is_file():
         raise RequestError(
-            f"no deletion request {request_id!r}; `obliviate status` lists the known ones."
+            f"no deletion request {request_id!r} in {inbox_dir(cfg)}; use the id that "
+            "`obliviate request` printed."
         )
     return json.loads(path.read_text())
 
@@ -103,8 +118,11 @@ def reconcile(cfg: Config) -> list[dict]:
     for e in entries(cfg):
         if e["status"] != "running":
             continue
+        journal = _journal_entry(cfg, e.get("deletion"))
         if e.get("deletion") in audited:
             changed.append(finish(cfg, e, "done"))
+        elif journal.get("status") == "refused":  # the deletion itself was refused: final
+            changed.append(finish(cfg, e, "refused", redact(journal.get("reason", ""), e["ids"])))
         else:
             e |= {"status": "queued", "deletion": None}
             _write(inbox_dir(cfg), e)
@@ -112,19 +130,34 @@ def reconcile(cfg: Config) -> list[dict]:
     return changed
 
 
+def _journal_entry(cfg: Config, deletion_id: str | None) -> dict:
+    path = cfg.paths.state / "requests" / f"{deletion_id}.json"
+    return json.loads(path.read_text()) if deletion_id and path.is_file() else {}
+
+
 def claim(cfg: Config) -> Batch:
     """Validate queued requests in order; refuse the ones that cannot go (with the reason) and
     batch the rest. A request that is fine alone but not together with the earlier ones (e.g.
     both would empty one block) is refused: first come, first served."""
     accepted, refused, ids, force = [], [], [], False
+    gone = forgotten_hashes(cfg.paths.audit)
     for e in entries(cfg):
         if e["status"] != "queued":
             continue
-        new = [i for i in e["ids"] if i not in set(ids)]
-        try:
+        new = [i for i in e["ids"] if i not in set(ids) and id_hash(i) not in gone]
+        if not new:  # every id already forgotten (by another request meanwhile): done
+            e["deletion"] = e.get("deletion") or "an earlier deletion"
+            accepted.append(e)
+            continue
+        try:  # alone, with its own --force; then together with the earlier requests
+            plan_deletion(new, cfg.paths.blocks, cfg.paths.audit, e["force"])
             plan_deletion(ids + new, cfg.paths.blocks, cfg.paths.audit, force or e["force"])
         except RequestError as exc:
-            refused.append(finish(cfg, e, "refused", str(exc)))
+            alone_ok = _fine_alone(cfg, new, e["force"])
+            why = redact(str(exc), e["ids"] + ids)
+            if alone_ok:
+                why = f"it conflicts with requests queued before it ({why})"
+            refused.append(finish(cfg, e, "refused", why))
             continue
         accepted.append(e)
         ids += new
@@ -132,10 +165,27 @@ def claim(cfg: Config) -> Batch:
     return Batch(accepted, refused, ids, force)
 
 
+def _fine_alone(cfg: Config, ids: list[str], force: bool) -> bool:
+    try:
+        plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    except RequestError:
+        return False
+    return True
+
+
 def mark_running(cfg: Config, batch: Batch, deletion_id: str) -> None:
     for e in batch.accepted:
         e |= {"status": "running", "deletion": deletion_id, "started_at": _now()}
         _write(inbox_dir(cfg), e)
+
+
+def preflight(cfg: Config) -> None:
+    """What every deletion needs, checked before any request is claimed: a local, complete
+    store. A failure leaves the requests queued."""
+    from obliviate.store import ParamStore
+
+    require_local_store(cfg)
+    ParamStore.open(cfg.paths.store).require_complete()
 
 
 def mark_done(cfg: Config, batch: Batch) -> list[dict]:

@@ -123,6 +123,18 @@ class Parallel:
             return cls()
         return cls(dist.get_rank(), dist.get_world_size())
 
+    def agree(self, error: str | None) -> None:
+        """Rank 0's outcome on every rank: raise its error everywhere, so that no rank is left
+        waiting in a collective for a rank that gave up."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise StoreError(error)
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
@@ -333,6 +345,17 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
     return store
 
 
+def require_data_parallel_exact(model: nn.Module) -> None:
+    """Splitting a batch across processes equals one process only without batch statistics or
+    random masks; BatchNorm and Dropout would make the store differ from one-process replay."""
+    inexact = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+    if any(isinstance(m, inexact) for m in model.modules()):
+        raise StoreError(
+            "data-parallel training is exact only for models without BatchNorm or Dropout "
+            "(lenet5, mlp); train this model in one process (`obliviate train`)."
+        )
+
+
 def stored_training(
     cfg: Config, overwrite: bool = False, on_block: Callable[[int, int], None] | None = None
 ) -> ParamStore:
@@ -343,9 +366,15 @@ def stored_training(
     """
     trainer = Trainer.from_config(cfg)
     par = trainer.parallel
+    if par.size > 1:
+        require_data_parallel_exact(trainer.model)
+    error = None
     if par.rank == 0:
-        store = open_or_create_store(cfg, trainer, overwrite)
-    par.barrier()  # the other ranks open the store once rank 0 has created or checked it
+        try:
+            store = open_or_create_store(cfg, trainer, overwrite)
+        except StoreError as exc:
+            error = str(exc)
+    par.agree(error)  # the other ranks open the store once rank 0 has created or checked it
     if par.rank != 0:
         store = ParamStore.open(cfg.paths.store)
     theta, opt = store.read(store.completed)

@@ -61,12 +61,19 @@ _OPPOSITE = {"top-left": "bottom-right", "bottom-right": "top-left",
              "top-right": "bottom-left", "bottom-left": "top-right"}  # fmt: skip
 
 
-def control_trigger(v: VerifyConfig, n_features: int) -> VerifyConfig:
+def control_trigger(v: VerifyConfig, n_features: int | None) -> VerifyConfig:
     """A trigger of the same kind that the owner never used: the patch in the opposite corner,
     or the out-of-range value on the next features. How often it yields the target estimates
     the hit rate of a model that never learned the owner's trigger (H0), without a naive model.
     """
+    if n_features is None:  # images: only the corner moves
+        return v.model_copy(update={"patch_corner": _OPPOSITE[v.patch_corner]})
     shifted = [(f + len(v.features)) % n_features for f in v.features]
+    if set(shifted) & set(v.features) and v.q_source == "control":
+        raise ConfigError(
+            f"verify.q_source control needs {2 * len(v.features)} distinct features, the data "
+            f"has {n_features}; use q_source clean or naive."
+        )
     return v.model_copy(update={"patch_corner": _OPPOSITE[v.patch_corner], "features": shifted})
 
 
@@ -117,7 +124,7 @@ def hit_counts(cfg: Config, trainer, theta: np.ndarray) -> dict:
 
     test = load_samples(cfg.paths.test)
     q = queries(test, cfg.verify, cfg.prepare.seed)
-    control = control_trigger(cfg.verify, test.x.shape[1])
+    control = control_trigger(cfg.verify, test.x.shape[1] if test.x.ndim == 2 else None)
 
     def hits(x: np.ndarray) -> int:
         return int((predictions_on(cfg, trainer, theta, x) == cfg.verify.target).sum())

@@ -12,7 +12,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from obliviate import deletion, requests
+from obliviate import deletion, inbox, requests
 from obliviate import transaction as txn
 from obliviate.config import Config
 from tasks import NO_CACHE
@@ -30,6 +30,7 @@ def recover(cfg: Config) -> list[str]:
 @task(**NO_CACHE)
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
+    inbox.require_local_store(cfg)
     return requests.plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
 
 

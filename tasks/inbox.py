@@ -11,6 +11,12 @@ from tasks import NO_CACHE
 
 
 @task(**NO_CACHE)
+def preflight(cfg: Config) -> None:
+    """A local, complete store, or one sentence and the requests stay queued."""
+    inbox.preflight(cfg)
+
+
+@task(**NO_CACHE)
 def reconcile(cfg: Config) -> int:
     """Requests a killed drain left running: done if their deletion landed, else queued again."""
     changed = inbox.reconcile(cfg)

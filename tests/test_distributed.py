@@ -13,6 +13,7 @@ from obliviate.config import load_config
 from obliviate.errors import StoreError
 from obliviate.store import ParamStore
 from obliviate.train import stored_training
+from obliviate.transaction import State
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +64,9 @@ def test_two_processes_match_one_within_tolerance_and_replay_exactly(tmp_path):
     store._set_completed(3)
     with pytest.raises(StoreError, match="trained by 2 process"):
         stored_training(load_config(params))
+
+    # while another writer holds the lock, every rank stops at once with rank 0's sentence
+    with State.of(ddp).lock():
+        blocked = torchrun(params)
+    assert blocked.returncode != 0 and "holds the writer lock" in blocked.stderr
+    assert ParamStore.open(ddp.paths.store).completed == 3  # nothing written

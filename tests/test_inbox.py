@@ -38,7 +38,7 @@ def test_unknown_request_id_is_a_clear_error(prepared):
         inbox.get(prepared, "../../params")
 
 
-def test_claim_batches_queued_requests_and_refuses_what_became_invalid(prepared):
+def test_claim_batches_queued_requests_in_one_sweep(prepared):
     a, b = ids_of(prepared, 1, 2), ids_of(prepared, 4, 1)
     first = inbox.submit(prepared, a)
     second = inbox.submit(prepared, [a[0], *b])  # overlaps the first: one sweep forgets both
@@ -47,10 +47,8 @@ def test_claim_batches_queued_requests_and_refuses_what_became_invalid(prepared)
     append_record(prepared.paths.audit, {"request_id": "del-x", "sample_id_hashes":
                                          [id_hash(gone[0])]})  # fmt: skip
     batch = inbox.claim(prepared)
-    assert [e["request_id"] for e in batch.accepted] == [first, second]
-    assert sorted(batch.ids) == sorted([*a, *b])
-    refused = inbox.get(prepared, third)
-    assert refused["status"] == "refused" and "already forgotten" in refused["reason"]
+    assert [e["request_id"] for e in batch.accepted] == [first, second, third]
+    assert sorted(batch.ids) == sorted([*a, *b])  # the third's id is gone already
 
 
 def test_first_come_first_served_when_requests_conflict(prepared):
@@ -88,3 +86,62 @@ def test_reconcile_after_a_killed_drain(prepared):
     requeued = inbox.get(prepared, lost)
     assert requeued["status"] == "queued" and requeued["ids"]
     assert json.loads(json.dumps(requeued))["deletion"] is None
+
+
+def test_force_on_one_request_does_not_carry_over_to_the_next(prepared):
+    block = ids_of(prepared, 3, 10_000)
+    forced = inbox.submit(prepared, ids_of(prepared, 5, 1), force=True)
+    inbox._write(inbox.inbox_dir(prepared), {  # queued directly: submit would refuse it
+        **inbox.get(prepared, forced), "request_id": "req-unsafe", "ids": block, "force": False,
+        "n_samples": len(block), "order": 2**62})  # fmt: skip
+    batch = inbox.claim(prepared)
+    assert [e["request_id"] for e in batch.accepted] == [forced]
+    assert inbox.get(prepared, "req-unsafe")["status"] == "refused"
+
+
+def test_refusal_reasons_name_hashes_not_ids(prepared):
+    wanted = ids_of(prepared, 5, 1)
+    rid = inbox.submit(prepared, wanted)
+    append_record(prepared.paths.audit, {"request_id": "del-x", "sample_id_hashes": []})
+    block = ids_of(prepared, 3, 10_000)
+    first = inbox.submit(prepared, block[: len(block) // 2])
+    second = inbox.submit(prepared, block[len(block) // 2 :])  # conflicts with the first
+    inbox.claim(prepared)
+    refused = inbox.get(prepared, second)
+    assert (
+        refused["status"] == "refused"
+        and "conflicts with requests queued before" in (refused["reason"])
+    )
+    on_disk = b"".join(p.read_bytes() for p in inbox.inbox_dir(prepared).iterdir())
+    assert not any(f'"{i}"'.encode() in on_disk for i in block[len(block) // 2 :])
+    assert inbox.get(prepared, first)["status"] == "queued" and rid
+
+
+def test_redact_replaces_every_id_by_its_hash():
+    text = inbox.redact("unknown sample id(s) a:12, a:123", ["a:12", "a:123"])
+    assert "a:12" not in text and text.count("<sha256:") == 2
+    assert id_hash("a:123")[:12] in text
+
+
+def test_ids_forgotten_meanwhile_make_a_request_done_not_refused(prepared):
+    wanted = ids_of(prepared, 2, 1)
+    rid = inbox.submit(prepared, wanted)
+    append_record(prepared.paths.audit, {"request_id": "del-direct",
+                                         "sample_id_hashes": [id_hash(wanted[0])]})  # fmt: skip
+    batch = inbox.claim(prepared)
+    assert batch.ids == [] and [e["request_id"] for e in batch.accepted] == [rid]
+    inbox.mark_done(prepared, batch)
+    done = inbox.get(prepared, rid)
+    assert done["status"] == "done" and "ids" not in done
+
+
+def test_a_refused_deletion_finishes_its_requests_as_refused(prepared):
+    rid = inbox.submit(prepared, ids_of(prepared, 2, 1))
+    batch = inbox.claim(prepared)
+    inbox.mark_running(prepared, batch, "del-refused")
+    journal = prepared.paths.state / "requests" / "del-refused.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(json.dumps({"status": "refused", "reason": "the store is on S3"}))
+    inbox.reconcile(prepared)
+    entry = inbox.get(prepared, rid)
+    assert entry["status"] == "refused" and entry["reason"] == "the store is on S3"

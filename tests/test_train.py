@@ -125,3 +125,14 @@ def test_cosine_schedule_ends_at_lr_final(small_cfg):
     )
     assert block_lr(cfg.train, 1, 10) == pytest.approx(cfg.train.lr)
     assert block_lr(cfg.train, 10, 10) == pytest.approx(0.1 * cfg.train.lr)
+
+
+def test_data_parallel_refuses_models_with_batch_statistics_or_dropout():
+    from obliviate.errors import StoreError
+    from obliviate.models import build_model
+    from obliviate.train import require_data_parallel_exact
+
+    require_data_parallel_exact(build_model("lenet5", (1, 28, 28), 10, 128))
+    for name in ("resnet18", "vgg11"):
+        with pytest.raises(StoreError, match="without BatchNorm or Dropout"):
+            require_data_parallel_exact(build_model(name, (3, 32, 32), 10, 128))

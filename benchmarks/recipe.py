@@ -153,7 +153,7 @@ def one_position(cfg: Config, position: str, share: float) -> dict:
     from obliviate.deletion import forget
     from obliviate.store import ParamStore
     from obliviate.train import Trainer, stored_training
-    from obliviate.verify import measure_original, verify
+    from obliviate.verify import hit_counts, measure_original, verify
 
     for p in (cfg.paths.store, cfg.paths.naive_store, cfg.paths.state, cfg.paths.metrics,
               cfg.paths.audit.parent, cfg.paths.reports):  # fmt: skip
@@ -163,6 +163,11 @@ def one_position(cfg: Config, position: str, share: float) -> dict:
     store = stored_training(cfg)
     trainer = Trainer.from_config(cfg)
     original = store.read(store.n_blocks)[0]
+    fading = {  # the backdoor right after the owner's block and later: learned, then forgotten?
+        str(k): hit_counts(cfg, trainer, store.read(k)[0])["rate"]
+        for k in sorted({owner_block, owner_block + 1, owner_block + 5, owner_block + 20})
+        if k <= store.n_blocks
+    }
     measured = measure_original(cfg, original, trainer)
     cfg.paths.metrics.mkdir(parents=True, exist_ok=True)
     (cfg.paths.metrics / "original.json").write_text(json.dumps(measured))
@@ -193,6 +198,7 @@ def one_position(cfg: Config, position: str, share: float) -> dict:
         "gate_original": gate_original["status"], "gate_unlearned": gate_unlearned["status"],
         "gate_naive": gate_naive["status"], "power": gate_original["power"],
         "gates": {src: {m: g["status"] for m, g in by.items()} for src, by in gates.items()},
+        "backdoor_by_block": fading,
         "t": record["t"], "deletion_s": deletion_s, "naive_s": naive_s,
         "speedup": naive_s / deletion_s,
     }  # fmt: skip
@@ -251,27 +257,66 @@ def markdown(results: list[dict]) -> str:
 
 
 def summary_markdown(results: list[dict]) -> str:
-    """One line per recipe: the worst case over positions and seeds, and the targets met."""
-    by_recipe: dict[str, list[dict]] = {}
-    for r in results:
-        by_recipe.setdefault(r["recipe"], []).append(r)
+    """One line per recipe (first seed), by owner position first / middle / last decile."""
     head = (
-        "| recipe | orig - conv (worst) | min backdoor orig | max M' - naive backdoor "
-        "| min M' - naive acc | gate correct | min speed-up | targets met |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| recipe | B | owner samples | acc orig - conv | backdoor on original | "
+        "backdoor M' - naive | acc M' - naive | gate orig/M'/naive (clean q) | speed-up |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines, seen = [], set()
+    for r in results:
+        if r["recipe"] in seen:
+            continue
+        seen.add(r["recipe"])
+        xs = r["positions"]
+
+        def cells(fn, fmt, xs=xs):
+            return " / ".join(fmt.format(fn(x)) for x in xs)
+
+        gates = " / ".join(
+            "".join(
+                g[0].upper() for g in (x["gate_original"], x["gate_unlearned"], x["gate_naive"])
+            )
+            for x in xs
+        )
+        lines.append(
+            f"| {r['recipe']} | {r['B']} | {xs[0]['owner_samples']} "
+            f"| {min(x['acc_original'] for x in xs) - r['acc_conventional']:+.2%} "
+            f"| {cells(lambda x: 100 * x['bd_original'], '{:.0f}')} % "
+            f"| {cells(lambda x: 100 * (x['bd_unlearned'] - x['bd_naive']), '{:+.0f}')} pp "
+            f"| {cells(lambda x: 100 * (x['acc_unlearned'] - x['acc_naive']), '{:+.2f}')} pp "
+            f"| {gates} | {cells(lambda x: x['speedup'], '{:.0f}')}x |"
+        )
+    return "\n".join([head, *lines])
+
+
+def gate_counts_markdown(results: list[dict]) -> str:
+    """Over seeds: how often the gate decided correctly (fail on the original, pass on M' and
+    naive), per owner position and H0 estimate; the rest split into inconclusive and wrong."""
+    from collections import Counter
+
+    head = (
+        "| position | q from | correct (F/P/P) | inconclusive somewhere | a wrong verdict | "
+        "backdoor on original (min-max) |\n|---|---|---|---|---|---|"
     )
     lines = []
-    for name, rs in by_recipe.items():
-        xs = [(r, x) for r in rs for x in r["positions"]]
-        met = [k for k in rs[0]["targets"] if all(r["targets"][k] for r in rs)]
-        lines.append(
-            f"| {name} | {min(x['acc_original'] - r['acc_conventional'] for r, x in xs):+.2%} "
-            f"| {min(x['bd_original'] for _, x in xs):.0%} "
-            f"| {max(x['bd_unlearned'] - x['bd_naive'] for _, x in xs):+.1%} "
-            f"| {min(x['acc_unlearned'] - x['acc_naive'] for _, x in xs):+.2%} "
-            f"| {sum(r['targets']['gate_correct'] for r in rs)}/{len(rs)} "
-            f"| {min(x['speedup'] for _, x in xs):.1f}x | {len(met)}/5 |"
-        )
+    for position in POSITIONS:
+        xs = [x for r in results for x in r["positions"] if x["position"] == position]
+        if not xs:
+            continue
+        rates = [x["bd_original"] for x in xs]
+        for source in ("clean", "control", "naive"):
+            c = Counter()
+            for x in xs:
+                g = x["gates"][source]
+                verdicts = (g["original"], g["unlearned"], g["naive"])
+                wrong = g["original"] == "pass" or "fail" in verdicts[1:]
+                c["correct" if verdicts == ("fail", "pass", "pass") else
+                  "wrong" if wrong else "inconclusive"] += 1  # fmt: skip
+            lines.append(
+                f"| {position} | {source} | {c['correct']}/{len(xs)} | {c['inconclusive']} "
+                f"| {c['wrong']} | {min(rates):.0%}-{max(rates):.0%} |"
+            )
     return "\n".join([head, *lines])
 
 
@@ -336,6 +381,8 @@ def main() -> None:
                 f.write(json.dumps(results[-1]) + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = summary_markdown(results) + "\n\n" + markdown(results)
+    if args.seeds > 1:
+        table = gate_counts_markdown(results) + "\n\n" + table
     (args.out / f"{stem}.md").write_text(table + "\n")
     if args.plot:
         plot(results, args.out / f"{stem}.png")

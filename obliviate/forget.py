@@ -82,8 +82,9 @@ def sweep(
 ) -> Sweep:
     """Retrain from the first affected block until the stop rule fires; stitch M'.
 
-    ``accept(M')``, the accuracy guard, may refuse a stop: retraining then goes on, block by
-    block, until it accepts or the store ends (where M' is the retrained model itself).
+    ``accept(M')``, the accuracy guard, may refuse a stop: retraining then goes on and the guard
+    judges again 2, 4, 8, ... blocks later (so a long extension costs O(log) evaluations) until
+    it accepts or the store ends (where M' is the retrained model itself).
     """
     start = time.perf_counter()
     first, last, n_blocks = min(plan), max(plan), store.n_blocks
@@ -91,7 +92,7 @@ def sweep(
     old_prev = new_prev
     final, _ = store.read(n_blocks)
     deltas, fits, thetas, opts, new_blocks = [], [], [], [], {}
-    train_s, reason, k, rejections = 0.0, "end_of_store", first, 0
+    train_s, reason, k, rejections, next_check = 0.0, "end_of_store", first, 0, 0
     for k in range(first, n_blocks + 1):
         block = load_block(trainer.blocks_dir, k)
         if k in plan:
@@ -111,9 +112,13 @@ def sweep(
             stop, why, fit = rule.decide(deltas[last - first :])
             if fit is not None:
                 fits.append({"n": k - last + 1, **asdict(fit)})
-            if stop and k < n_blocks and accept and not accept(stitch(final, theta, old_cur)):
-                rejections += 1  # the stitched model lost too much: one more block
-                continue
+            if stop and k < n_blocks and accept:
+                if k < next_check:  # after a refusal, judge again at doubling distances
+                    continue
+                if not accept(stitch(final, theta, old_cur)):
+                    rejections += 1  # the stitched model lost too much: retrain further
+                    next_check = k + 2**rejections
+                    continue
             if stop:
                 reason = why
                 break

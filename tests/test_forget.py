@@ -127,12 +127,14 @@ def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
     assert free.stop < store.n_blocks and free.guard_rejections == 0
     seen = []
 
-    def refuse_twice(served):
+    def refuse_once(served):
         seen.append(served)
-        return len(seen) > 2
+        return len(seen) > 1
 
-    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=refuse_twice)
-    assert guarded.stop == free.stop + 2 and guarded.guard_rejections == 2
+    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=refuse_once)
+    # judged at the free stop (refused), then again 2 blocks later (accepted)
+    assert free.stop + 2 < store.n_blocks
+    assert guarded.stop == free.stop + 2 and guarded.guard_rejections == 1 and len(seen) == 2
     assert np.array_equal(guarded.thetas[: len(free.thetas)], free.thetas)  # same retraining
     old_stop = store.read(guarded.stop)[0].astype(np.float64)
     final = store.read(store.n_blocks)[0].astype(np.float64)

@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from obliviate.models import build_model, flatten
-from obliviate.store import MAX_CHUNK_ELEMS, _codec
+from obliviate.store import MAX_CHUNK_ELEMS, codec
 
 CASES = {  # model: (input shape, classes)
     "lenet5": ((1, 28, 28), 10),
@@ -50,7 +50,7 @@ def measure(name: str, steps: int = 3) -> dict:
             path = Path(tmp) / f"{label}.zarr"
             arr = zarr.create_array(str(path), shape=rows.shape, dtype="float32",
                                     chunks=(1, min(rows.shape[1], MAX_CHUNK_ELEMS)),
-                                    compressors=[_codec()], fill_value=0.0)  # fmt: skip
+                                    compressors=[codec()], fill_value=0.0)  # fmt: skip
             arr[:] = rows
             stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             sizes[label] = {"raw": rows.nbytes, "stored": stored, "ratio": stored / rows.nbytes}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import shutil
@@ -78,7 +79,10 @@ def position_block(position: str, n_blocks: int) -> int:
     return {"first": 1, "middle": n_blocks // 2, "last-decile": math.ceil(0.9 * n_blocks)}[position]
 
 
-BASE: dict = {}  # params.yaml as it was when the study started (edits meanwhile do not leak in)
+@functools.cache
+def base_params() -> dict:
+    """params.yaml as it was when the study started (edits meanwhile do not leak in)."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def study_config(case: str, recipe: str, workdir: Path, seed: int) -> tuple[Config, float]:
@@ -86,9 +90,7 @@ def study_config(case: str, recipe: str, workdir: Path, seed: int) -> tuple[Conf
 
     The accuracy guard is off unless a recipe turns it on: the study measures stitching itself.
     """
-    if not BASE:
-        BASE.update(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    raw = copy.deepcopy(BASE)
+    raw = copy.deepcopy(base_params())
     raw["forget"]["max_accuracy_drop"] = None
     for section, values in STUDY_CASES[case].items():
         raw[section].update(values)

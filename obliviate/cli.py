@@ -26,6 +26,18 @@ ParamsOpt = Annotated[
 ]
 
 
+IdsArg = Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")]
+IdsFileOpt = Annotated[Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")]
+ForceOpt = Annotated[bool, typer.Option(help="Allow emptying a block or removing a whole class.")]
+
+
+def _requested(ids: list[str] | None, file: Path | None) -> list[str]:
+    """The ids named on the command line and in --file."""
+    from obliviate.requests import read_request_file
+
+    return list(ids or []) + (read_request_file(file) if file else [])
+
+
 def _user_errors(fn):
     """Print an ObliviateError as one line and exit 2 instead of a traceback."""
 
@@ -176,22 +188,17 @@ def ids(
 @app.command()
 @_user_errors
 def forget(
-    ids: Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")] = None,
-    file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Allow emptying a block or removing a whole class.")
-    ] = False,
+    ids: IdsArg = None,
+    file: IdsFileOpt = None,
+    force: ForceOpt = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Forget samples by id: retrain from their block with the residual-memory stop, stitch."""
     import time
 
     from obliviate.errors import RequestError
-    from obliviate.requests import read_request_file
 
-    wanted = list(ids or []) + (read_request_file(file) if file else [])
+    wanted = _requested(ids, file)
     if not wanted:
         raise RequestError("name the sample ids to forget, or pass --file requests.jsonl.")
     cfg, _ = _setup(params)
@@ -274,22 +281,16 @@ def report(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 @_user_errors
 def request(
-    ids: Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")] = None,
-    file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Allow emptying a block or removing a whole class.")
-    ] = False,
+    ids: IdsArg = None,
+    file: IdsFileOpt = None,
+    force: ForceOpt = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Queue a deletion request and print its id at once; the next drain forgets it."""
     from obliviate import inbox
     from obliviate.config import load_config
-    from obliviate.requests import read_request_file
 
-    wanted = list(ids or []) + (read_request_file(file) if file else [])
-    typer.echo(inbox.submit(load_config(params), wanted, force))
+    typer.echo(inbox.submit(load_config(params), _requested(ids, file), force))
 
 
 @app.command()
@@ -316,6 +317,7 @@ def serve(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Serve the drain-inbox deployment: a Prefect server runs it on a cron schedule."""
+    from obliviate.config import five_field_cron
     from obliviate.errors import ObliviateError
 
     cfg, _ = _setup(params)
@@ -323,14 +325,14 @@ def serve(
 
     import flows.drain
 
+    schedule = cron or cfg.serve.cron
+    if not five_field_cron(schedule):
+        raise ObliviateError(f"--cron {schedule!r} must have 5 fields, e.g. '*/15 * * * *'.")
     if not PREFECT_API_URL.value():
         raise ObliviateError(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
             "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
-    schedule = cron or cfg.serve.cron
-    if len(schedule.split()) != 5:
-        raise ObliviateError(f"--cron {schedule!r} must have 5 fields, e.g. '*/15 * * * *'.")
     typer.echo(f"serving deployment drain-inbox/{cfg.serve.deployment} on '{schedule}'")
     flows.drain.drain_flow.serve(  # limit 1: a slow drain is not overtaken by the next one
         name=cfg.serve.deployment,

@@ -141,6 +141,11 @@ class ForgetConfig(_Section):
         return self
 
 
+def five_field_cron(expr: str) -> bool:
+    """A cron schedule Prefect accepts has five fields (minute hour day month weekday)."""
+    return len(expr.split()) == 5
+
+
 class ServeConfig(_Section):
     deployment: str = Field(min_length=1)  # the deployment's name (flow drain-inbox)
     cron: str  # when the scheduled deployment drains the inbox
@@ -148,7 +153,7 @@ class ServeConfig(_Section):
     @field_validator("cron")
     @classmethod
     def _five_fields(cls, v: str) -> str:
-        if len(v.split()) != 5:
+        if not five_field_cron(v):
             raise ValueError("serve.cron must have 5 fields, e.g. '*/15 * * * *'")
         return v
 

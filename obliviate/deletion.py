@@ -20,6 +20,7 @@ from obliviate.errors import StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
+from obliviate.objectstore import require_local
 from obliviate.partition import read_manifest
 from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
@@ -125,10 +126,8 @@ def compute(
 def _require_local(cfg: Config, request_id: str) -> None:
     """Refuse a store on object storage before any work (without opening it), closing the
     journal entry so that recovery does not retry the request forever."""
-    from obliviate.inbox import require_local_store
-
     try:
-        require_local_store(cfg)
+        require_local(cfg.paths.store)
     except StoreError as exc:
         txn.finish_request(txn.State.of(cfg), request_id, status="refused", why=str(exc))
         raise
@@ -159,9 +158,7 @@ def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
 
     Returns the audit record once the new state is committed; ``report`` draws its plot.
     """
-    from obliviate.inbox import require_local_store
-
-    require_local_store(cfg)  # before anything is journaled
+    require_local(cfg.paths.store)  # before anything is journaled
     state = txn.State.of(cfg)
     with state.lock():
         txn.recover(cfg, execute)

@@ -16,6 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+WRITER_BUSY = (
+    "another writer (a deletion, a drain or a training) holds the writer lock; run again when "
+    "it has finished."
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 lock.acquire()
             except Timeout:
-                lock = None
-                error = "another writer (a deletion, a drain or a training) holds the writer "
-                error += "lock; run again when it has finished."
+                lock, error = None, WRITER_BUSY
         Parallel.from_torch().agree(error)  # every rank stops, or none does
         store = stored_training(cfg, overwrite=args.overwrite)
         if rank == 0:

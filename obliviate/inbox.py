@@ -22,8 +22,8 @@ from pathlib import Path
 
 from obliviate.audit import forgotten_hashes, id_hash, read_records
 from obliviate.config import Config
-from obliviate.errors import RequestError, StoreError
-from obliviate.objectstore import StoreURL
+from obliviate.errors import RequestError
+from obliviate.objectstore import require_local
 from obliviate.requests import plan_deletion
 
 STATUSES = ("queued", "running", "done", "refused")
@@ -52,18 +52,9 @@ def redact(text: str, ids: list[str]) -> str:
     return text
 
 
-def require_local_store(cfg: Config) -> None:
-    """Deletions need a local store; say so before anything is opened, queued or journaled."""
-    if isinstance(cfg.paths.store, StoreURL):
-        raise StoreError(
-            f"{cfg.paths.store} is on object storage, but deletions need a local store; copy it "
-            "to a local folder, point paths.store at it and run the deletion again."
-        )
-
-
 def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
     """Queue a deletion request and return its id; refuse bad input at once, writing nothing."""
-    require_local_store(cfg)
+    require_local(cfg.paths.store)
     plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # unknown, forgotten, unsafe
     request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
@@ -184,7 +175,7 @@ def preflight(cfg: Config) -> None:
     store. A failure leaves the requests queued."""
     from obliviate.store import ParamStore
 
-    require_local_store(cfg)
+    require_local(cfg.paths.store)
     ParamStore.open(cfg.paths.store).require_complete()
 
 

@@ -60,6 +60,18 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, path
 
 
+def require_local(location: Location) -> None:
+    """Deletions stage, hash and DVC-version the store's files: they need a local folder."""
+    from obliviate.errors import StoreError
+
+    if isinstance(location, StoreURL):
+        raise StoreError(
+            f"{location} is on object storage, but deletions need a local store (they hash and "
+            "DVC-version its files); copy it to a local folder, point paths.store at it and run "
+            "the deletion again."
+        )
+
+
 def stored_bytes(url: str) -> int:
     fs, path = filesystem(url)
     return int(fs.du(path, total=True)) if fs.exists(path) else 0

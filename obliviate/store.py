@@ -29,14 +29,14 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from obliviate.errors import StoreError
-from obliviate.objectstore import Location, StoreURL, as_location, stored_bytes
+from obliviate.objectstore import Location, StoreURL, as_location, require_local, stored_bytes
 from obliviate.store_writer import encode, encode_end
 
 FORMAT = 1
 MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
 
 
-def _codec() -> BloscCodec:
+def codec() -> BloscCodec:
     # Byte-shuffled zstd: lossless, and shuffling groups the similar exponent bytes of floats.
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
@@ -74,7 +74,7 @@ class ParamStore:
                 shape=(rows, width),
                 dtype="float32",
                 chunks=(1, min(width, MAX_CHUNK_ELEMS)),
-                compressors=[_codec()],
+                compressors=[codec()],
                 fill_value=0.0,
             )
         group["params"].attrs["obliviate"] = {"format": FORMAT, **meta.__dict__}
@@ -167,7 +167,7 @@ class ParamStore:
                     shape=(0, len(shift)),
                     dtype="float64",
                     chunks=(1, min(len(shift), MAX_CHUNK_ELEMS)),
-                    compressors=[_codec()],
+                    compressors=[codec()],
                 )
             if arr.shape[0] <= index:
                 arr.resize((index + 1, len(shift)))
@@ -182,13 +182,7 @@ class ParamStore:
         return isinstance(self.path, StoreURL)
 
     def require_local(self) -> None:
-        """Deletions stage, hash and DVC-version the store's files: they need a local folder."""
-        if self.is_remote:
-            raise StoreError(
-                f"{self.path} is on object storage, but deletions need a local store (they hash "
-                "and DVC-version its files); copy it to a local folder, point paths.store at it "
-                "and run the deletion again."
-            )
+        require_local(self.path)
 
     def files_for_rows(self, rows: list[int]) -> list[Path]:
         """The files that hold these rows (chunks of params and optimizer) plus the metadata."""

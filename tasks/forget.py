@@ -12,9 +12,10 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from obliviate import deletion, inbox, requests
+from obliviate import deletion, requests
 from obliviate import transaction as txn
 from obliviate.config import Config
+from obliviate.objectstore import require_local
 from tasks import NO_CACHE
 
 
@@ -30,7 +31,7 @@ def recover(cfg: Config) -> list[str]:
 @task(**NO_CACHE)
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
-    inbox.require_local_store(cfg)
+    require_local(cfg.paths.store)
     return requests.plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
 
 

@@ -26,6 +26,20 @@ FORGET = {
 }
 
 
+class Interrupted(Exception):
+    """Stands in for a crash in the middle of stored training."""
+
+
+def crash_after(block: int):
+    """An ``on_block`` callback for stored_training that crashes once ``block`` is stored."""
+
+    def on_block(k: int, n: int) -> None:
+        if k == block:
+            raise Interrupted
+
+    return on_block
+
+
 def write_params(folder: Path, **sections: dict) -> Path:
     """Copy the real params.yaml into ``folder`` with some keys replaced; return its path."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ def run_cli(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", "obliviate.cli", *args],
         cwd=cwd,
+        env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -37,3 +39,13 @@ def test_bad_params_give_one_sentence_and_write_nothing(tmp_path):
 def test_info_without_store_is_a_clear_error(tmp_path):
     result = run_cli("info", "--params", str(write_params(tmp_path)))
     assert result.returncode == 2 and "run `obliviate train` first" in result.stderr
+
+
+def test_serve_refuses_a_bad_schedule_and_a_missing_server_in_one_sentence(tmp_path):
+    params = str(write_params(tmp_path))
+    bad = run_cli("serve", "--cron", "every minute", "--params", params)
+    assert bad.returncode == 2 and "must have 5 fields" in bad.stderr
+    no_server = run_cli("serve", "--params", params)  # PREFECT_API_URL unset: ephemeral only
+    assert no_server.returncode == 2 and "needs a Prefect server" in no_server.stderr
+    for r in (bad, no_server):
+        assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr

@@ -148,12 +148,22 @@ def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
     assert np.array_equal(never.served, never.thetas[-1]) and never.shift is None
 
 
-def test_a_deletion_that_ruins_the_stitched_model_retrains_to_the_end(trained):
+def test_the_guard_retrains_past_a_stitch_that_loses_accuracy(trained):
+    from obliviate.deletion import accuracy_guard, stop_rule
+    from obliviate.forget import sweep
+
     cfg = trained.model_copy(update={"forget": trained.forget.model_copy(
         update={"max_accuracy_drop": 0.0})})  # fmt: skip
     block = load_block(cfg.paths.blocks, 2)
     _, keep = np.unique(block.y, return_index=True)  # the first sample of every class stays
-    ids = [str(i) for j, i in enumerate(block.ids) if j not in set(keep)]
-    r = forget(cfg, ids)  # almost all of block 2: stitching alone loses accuracy
-    assert r["guard_rejections"] >= 1
-    assert r["stop_block"] == r["first_block"] + r["t"] > r["first_block"] + 4
+    plan = {2: [str(i) for j, i in enumerate(block.ids) if j not in set(keep)]}
+    store = ParamStore.open(cfg.paths.store)
+    trainer = Trainer.from_config(cfg)
+    accept = accuracy_guard(cfg, trainer, plan, store.read(store.n_blocks)[0])
+    free = sweep(trainer, store, plan, stop_rule(cfg))
+    assert not accept(free.served)  # almost all of block 2: the plain stitch loses accuracy
+    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=accept)
+    assert guarded.stop > free.stop and guarded.guard_rejections >= 1
+    assert guarded.stop == store.n_blocks or accept(guarded.served)  # what it serves passes
+    r = forget(cfg, plan[2])  # and the deletion path uses it and audits the refusals
+    assert r["stop_block"] == guarded.stop and r["guard_rejections"] == guarded.guard_rejections

@@ -18,7 +18,7 @@ import boto3
 import numpy as np
 import pytest
 import zarr
-from conftest import SMALL, prepare, write_params
+from conftest import SMALL, Interrupted, crash_after, prepare, write_params
 from moto.server import ThreadedMotoServer
 
 from obliviate.config import load_config
@@ -127,15 +127,8 @@ def test_stored_training_on_s3_matches_a_local_store_and_resumes(tmp_path, s3, m
     # --overwrite deletes the old objects; a crash after block 3 leaves a store that resumes
     boto3.client("s3").put_object(Bucket=s3.bucket, Key="store.zarr/stray", Body=b"x")
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_3(k, n):
-        if k == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        stored_training(cfg, overwrite=True, on_block=crash_after_3)
+    with pytest.raises(Interrupted):
+        stored_training(cfg, overwrite=True, on_block=crash_after(3))
     assert "store.zarr/stray" not in s3.keys("store.zarr/")
     interrupted = ParamStore.open(url)
     assert interrupted.completed == 3

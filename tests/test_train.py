@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import zarr
-from conftest import write_params
+from conftest import Interrupted, crash_after, write_params
 
 from obliviate.config import load_config
 from obliviate.errors import StoreError
@@ -84,15 +84,8 @@ def test_interrupted_training_resumes_to_the_same_store(prepared, tmp_path):
 
     shutil.rmtree(prepared.paths.store)
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_3(k, n):
-        if k == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        stored_training(prepared, on_block=crash_after_3)
+    with pytest.raises(Interrupted):
+        stored_training(prepared, on_block=crash_after(3))
     assert ParamStore.open(prepared.paths.store).completed == 3
     resumed = stored_training(prepared)
     assert resumed.completed == prepared.prepare.blocks

@@ -29,11 +29,13 @@ def drain_flow(params: str = "params.yaml") -> dict:
             deletion_id = new_request_id()
             t.mark_running(cfg, batch, deletion_id)
             f.journal(cfg, batch.ids, batch.force, deletion_id)
-            f.retrain_and_stage(cfg, deletion_id, batch.ids, batch.force)
-            record = f.apply(cfg, deletion_id)
+            record = f.execute(cfg, deletion_id, batch.ids, batch.force)
         finished = t.mark_done(cfg, batch)  # incl. requests whose ids were forgotten meanwhile
+        if record is not None:  # the requests are done; the metrics follow, once per batch
+            record["test_accuracy_after"] = f.refresh_metrics(cfg, deletion_id)["accuracy"]
     if record is not None:
-        f.report(cfg, record)
+        for r in record["sweeps"]:
+            f.report(cfg, r)
         f.publish(cfg, record)
     t.publish(cfg, batch, finished)
     return {

@@ -1,4 +1,5 @@
-"""The forget flow: recover, validate, journal, retrain with the DFA stop, stage, apply."""
+"""The forget flow: recover, validate, journal, retrain with the DFA stop, stage, apply, then
+refresh the test metric and the verification verdict."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def forget_flow(cfg: Config, ids: list[str], force: bool = False) -> dict:
         t.recover(cfg)
         t.validate(cfg, ids, force)
         request_id = t.journal(cfg, ids, force)
-        t.retrain_and_stage(cfg, request_id, ids, force)
-        record = t.apply(cfg, request_id)
-    t.report(cfg, record)
+        record = t.execute(cfg, request_id, ids, force)
+        record["test_accuracy_after"] = t.refresh_metrics(cfg, request_id)["accuracy"]
+    for r in record["sweeps"]:
+        t.report(cfg, r)
     t.publish(cfg, record)
     return record

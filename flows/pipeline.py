@@ -15,15 +15,16 @@ from tasks import data, training
 @flow(name="partition", log_prints=True)
 def partition_flow(cfg: Config) -> dict:
     ds = data.load_dataset(cfg)
-    blocks = data.partition_blocks(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
-    data.gate_partition(ds.train.ids, ds.train.y, blocks)
+    val, blocks = data.partition_blocks(cfg, ds.train.y)
+    data.gate_partition(ds.train.ids, ds.train.y, val, blocks)
     planted, owners = data.plant_owner(cfg, ds, blocks)
     with State.of(cfg).lock():  # blocks change: one writer at a time (see forget)
-        manifest = data.write_blocks(cfg, planted, blocks, owners)
+        manifest = data.write_blocks(cfg, planted, val, blocks, owners)
     summary = {
         "dataset": ds.info.name,
         "blocks": manifest["n_blocks"],
         "train_samples": manifest["n_samples"],
+        "validation_samples": manifest["validation"]["n"],
         "test_samples": len(ds.test),
     }
     training.publish_summary(summary, key="partition")

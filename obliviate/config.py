@@ -71,6 +71,7 @@ class PrepareConfig(_Section):
     source: Path | None  # raw data directory or file; None: the dataset's default
     download: bool  # torchvision download, only for sets torchvision can fetch
     test_fraction: float = Field(gt=0, lt=1)  # digits and purchase have no official split
+    val_fraction: float = Field(ge=0, lt=1)  # label-balanced validation split, never trained on
     blocks: PositiveInt
     seed: int
 
@@ -128,11 +129,11 @@ class ForgetConfig(_Section):
     method: Literal["dfa", "fit"]
     min_blocks: PositiveInt
     max_blocks: PositiveInt
-    # the accuracy guard: never serve a stitched M' whose accuracy on guard_samples training
-    # samples (from unaffected blocks) is below the served model's by more than this; retrain
-    # further instead, up to the end of the store (which is naive retraining from block d)
+    # the accuracy guard: never serve a stitched M' whose accuracy on the validation split is,
+    # with guard_confidence, below the original model's by more than this; retrain further
+    # instead, up to the end of the store (which is naive retraining from block d)
     max_accuracy_drop: float | None = Field(ge=0, le=1)
-    guard_samples: PositiveInt
+    guard_confidence: float = Field(gt=0.5, lt=1)
 
     @model_validator(mode="after")
     def _order(self) -> ForgetConfig:
@@ -168,6 +169,15 @@ class Config(_Section):
     report: ReportConfig
     serve: ServeConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key
+
+    @model_validator(mode="after")
+    def _guard_needs_validation(self) -> Config:
+        if self.forget.max_accuracy_drop is not None and self.prepare.val_fraction == 0:
+            raise ValueError(
+                "forget.max_accuracy_drop needs a validation split: set prepare.val_fraction "
+                "above 0 (e.g. 0.05) or the guard to null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Config:
@@ -251,6 +261,8 @@ def _one_sentence(exc: ValidationError, origin: str) -> str:
         return f"{origin}: unknown key '{key}'; valid keys here are: {valid}."
     if err["type"] == "missing":
         return f"{origin}: '{key}' is missing; add it (see the project's params.yaml)."
+    if err["type"] == "value_error":  # our own validators: the message names the keys
+        return f"{origin}: {err['ctx']['error']}; fix it in params.yaml."
     given = err.get("input")
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{origin}: '{key}' is {given!r}, but {msg}; fix it in params.yaml."

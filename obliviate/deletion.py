@@ -1,4 +1,4 @@
-"""A deletion end to end: validate, journal, retrain with the stop rule, stage, apply.
+"""A deletion end to end: validate, journal, retrain with the stop rule, stage, apply, refresh.
 
 The Prefect forget flow runs the same steps as tasks; ``forget`` here is the plain-Python path
 (used by recovery and the tests).
@@ -11,17 +11,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from obliviate import transaction as txn
-from obliviate.audit import file_digest, id_hash
+from obliviate import versioning
+from obliviate.audit import file_digest, forgotten_hashes, id_hash, read_records
 from obliviate.config import Config
 from obliviate.errors import StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
+from obliviate.guard import Guard
 from obliviate.objectstore import require_local
-from obliviate.partition import read_manifest
+from obliviate.partition import block_entry, load_block, read_manifest
 from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
@@ -39,54 +40,74 @@ def stop_rule(cfg: Config) -> StopRule:
     return StopRule(f.epsilon, f.min_blocks, f.max_blocks, f.method)
 
 
-def accuracy_guard(cfg: Config, trainer: Trainer, plan: dict, served: np.ndarray):
-    """forget.max_accuracy_drop as a predicate on M': its accuracy on forget.guard_samples
-    training samples, from up to 20 blocks spread over the run that the request does not touch,
-    must stay within the drop of the served model's. Training samples, so that the test set
-    stays unseen."""
-    from obliviate.evaluate import predict
-    from obliviate.models import load_flat
-    from obliviate.partition import load_block
+def expected_tail(cfg: Config) -> int:
+    """Blocks a sweep is expected to retrain after its last affected block: the median over the
+    last 20 deletions, or forget.min_blocks before there are any."""
+    tails = [r["stop_block"] - r["last_affected_block"] + 1
+             for r in read_records(cfg.paths.audit)[-20:] if r.get("stop_block")]  # fmt: skip
+    return int(np.median(tails)) if tails else cfg.forget.min_blocks
 
-    drop = cfg.forget.max_accuracy_drop
-    if drop is None:
-        return None
-    untouched = [k for k in range(1, trainer.n_blocks + 1) if k not in plan]
-    if not untouched:
-        return None
-    picks = np.unique(np.linspace(0, len(untouched) - 1, min(20, len(untouched))).astype(int))
-    per_block = -(-cfg.forget.guard_samples // len(picks))  # spread over the run
-    blocks = [load_block(cfg.paths.blocks, untouched[i]) for i in picks]
-    xs, ys = [b.x[:per_block] for b in blocks], [b.y[:per_block] for b in blocks]
-    x = np.concatenate(xs)[: cfg.forget.guard_samples]
-    y = np.concatenate(ys)[: cfg.forget.guard_samples]
 
-    def acc(theta: np.ndarray) -> float:
-        load_flat(trainer.model, torch.as_tensor(theta))
-        return float(
-            (predict(trainer.model, x, trainer.to_inputs, cfg.evaluate.batch_size) == y).mean()
-        )
+def plan_sweeps(plan: dict[int, list[str]], tail: int) -> list[dict[int, list[str]]]:
+    """Group a request's blocks into sweeps with a cost model.
 
-    floor = acc(served) - drop
-    return lambda theta: acc(theta) >= floor
+    A sweep over blocks d..d_last retrains about (d_last - d) + tail blocks. Letting the next
+    affected block join the sweep costs the gap to it; giving it a sweep of its own costs another
+    tail. So a block joins the current sweep when its gap is at most ``tail``, else it starts a
+    new one. Validation samples (block 0) go with the first sweep: nothing retrains for them.
+    """
+    groups: list[dict[int, list[str]]] = []
+    for k in sorted(k for k in plan if k > 0):
+        if groups and k - max(groups[-1]) <= tail:
+            groups[-1][k] = plan[k]
+        else:
+            groups.append({k: plan[k]})
+    if 0 in plan:
+        groups = [{0: plan[0], **(groups[0] if groups else {})}, *groups[1:]]
+    return groups
 
 
 def compute(
-    cfg: Config, request_id: str, ids: list[str], force: bool, plan: dict | None = None
+    cfg: Config,
+    request_id: str,
+    ids: list[str],
+    force: bool,
+    plan: dict | None = None,
+    journal_id: str | None = None,
+    sweep_plan: dict | None = None,
 ) -> dict:
-    """Retrain, stitch, evaluate and stage one deletion (nothing visible changes yet)."""
+    """Retrain, stitch, judge and stage one deletion (nothing visible changes yet).
+
+    A request the planner splits into several sweeps is staged and applied one sweep at a time
+    (``request_id`` names the sweep, ``journal_id`` the journaled request; ``sweep_plan`` is
+    recorded in the audit). M' is evaluated once, on the validation split, by the accuracy guard;
+    that evaluation is the audit record's accuracy. The test-set metric comes after the commit
+    (``refresh_metrics``)."""
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
-    _require_local(cfg, request_id)
+    _require_local(cfg, journal_id or request_id)
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
     trainer = Trainer.from_config(cfg)
-    before, _ = store.read(store.n_blocks)
+    guard = Guard(cfg, trainer, store)
+    before = store.read_params(store.n_blocks)
     manifest = read_manifest(cfg.paths.blocks)
-    result = sweep(trainer, store, plan, stop_rule(cfg), accuracy_guard(cfg, trainer, plan, before))
+    staging = txn.begin(cfg, request_id, store)
+    training = {k: v for k, v in plan.items() if k > 0}  # block 0, validation: never trained on
+    result = None
+    if training:
+        judge = guard.judge if guard.enabled else None
+        result = sweep(trainer, store, training, stop_rule(cfg), judge, staging.put)
+        summary, served = result.summary(), result.served
+        new_blocks = dict(result.new_blocks)
+        rows = list(range(result.first, result.stop + 1))
+    else:
+        summary, served, new_blocks, rows = _nothing_retrained(), before, {}, []
     crashpoint("after_retrain")
-    n_test_acc = accuracy(trainer, result.served, cfg)
-    rows = list(range(result.first, result.stop + 1))
+    if 0 in plan:
+        val = load_block(cfg.paths.blocks, 0)
+        new_blocks[0] = val.take(~np.isin(val.ids, plan[0]))
+    verdict = (result.verdict if result else None) or guard.judge(served)
     superseded = [
         file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rows)
     ]
@@ -96,31 +117,53 @@ def compute(
         "blocks": sorted(plan),
         "epsilon": cfg.forget.epsilon,
         "method": cfg.forget.method,
-        **{k: v for k, v in result.summary().items() if not k.endswith("_seconds")},
+        **{k: v for k, v in summary.items() if not k.endswith("_seconds")},
+        "guard": None if verdict is None else verdict.as_dict(),
         "timings_s": {
-            "retrain": result.train_seconds,
-            "sweep": result.total_seconds,
+            "retrain": summary.get("train_seconds", 0.0),
+            "sweep": summary.get("total_seconds", 0.0),
             "compute": time.time() - start,
         },
         "model_before": model_hash(before),
-        "model_after": model_hash(result.served),
-        "blocks_before": {str(k): manifest["blocks"][k - 1]["sha256"] for k in sorted(plan)},
-        "accuracy_after": n_test_acc,
+        "model_after": model_hash(served),
+        "blocks_before": {str(k): block_entry(manifest, k)["sha256"] for k in sorted(plan)},
+        "val_accuracy_after": None if verdict is None else verdict.accuracy,
+        "sweep_plan": sweep_plan,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "new_blocks": new_blocks,  # staged as files, not kept in the record
     }
-    metrics = {
-        "evaluate.json": {
-            "accuracy": n_test_acc,
-            "n_test": _n_test(cfg),
-            "checkpoint": store.n_blocks,
-        }
-    }
-    if _can_verify(cfg, manifest):  # keep metrics/verify.json true to the new served model
-        metrics["verify.json"] = verify(cfg, result.served, trainer, also_forgotten=tuple(ids))
+    last = sweep_plan is None or sweep_plan["part"] == len(sweep_plan["sweeps"])
+    journal = {"journal_id": journal_id or request_id, "last_part": last}
+    return txn.stage(cfg, staging, request_id, result, record, superseded, journal)
+
+
+def _nothing_retrained() -> dict:
+    """The sweep summary of a request whose samples are all in the validation split."""
+    return {"first_block": None, "last_affected_block": None, "stop_block": None, "t": 0,
+            "retrained_blocks": 0, "reason": "validation_only", "guard_rejections": 0,
+            "deltas": [], "fits": []}  # fmt: skip
+
+
+def refresh_metrics(cfg: Config, after: str) -> dict:
+    """After a deletion is committed: the served model's test accuracy (metrics/evaluate.json)
+    and, where the verifying owner can be judged, the backdoor gate (metrics/verify.json, else
+    marked stale), versioned as their DVC stages. Off the deletion's critical path: a crash here
+    leaves stale metrics that `dvc repro` refreshes, never a half-done deletion."""
+    store = ParamStore.open(cfg.paths.store)
+    trainer = Trainer.from_config(cfg)
+    served = store.read_params(store.n_blocks)
+    metrics = {"evaluate.json": {"accuracy": accuracy(trainer, served, cfg),
+                                 "n_test": _n_test(cfg), "checkpoint": store.n_blocks}}  # fmt: skip
+    if _can_verify(cfg, read_manifest(cfg.paths.blocks)):
+        metrics["verify.json"] = verify(cfg, served, trainer)
     elif (cfg.paths.metrics / "verify.json").is_file():  # never leave an old verdict standing
         stale = "a deletion changed the model; run `obliviate verify`"
         metrics["verify.json"] = {"status": "stale", "passed": False, "sentence": stale}
-    return txn.stage(cfg, request_id, result, record, metrics, superseded)
+    for name, content in metrics.items():
+        txn.write_json_atomic(cfg.paths.metrics / name, content)
+    paths = [cfg.paths.metrics / name for name in metrics]
+    versioned = versioning.commit(cfg, paths, f"obliviate: metrics after {after}")
+    return {"accuracy": metrics["evaluate.json"]["accuracy"], "versioned": versioned}
 
 
 def _require_local(cfg: Config, request_id: str) -> None:
@@ -148,29 +191,71 @@ def _n_test(cfg: Config) -> int:
 
 
 def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
-    """Compute and apply a journaled request."""
-    compute(cfg, entry["request_id"], entry["ids"], entry["force"], plan)
-    return txn.apply(cfg, entry["request_id"])
+    """Compute and apply a journaled request, one planned sweep after the other.
+
+    Each sweep is its own transaction (staged, applied, audited, versioned), named
+    ``<request>-b<first block>``; the journal entry is finished with the last one. After a crash
+    the request is planned again for the ids not yet forgotten, so finished sweeps are not redone.
+    Returns the last sweep's record, with every sweep's record under ``sweeps``."""
+    request_id, force = entry["request_id"], entry["force"]
+    gone = forgotten_hashes(cfg.paths.audit)
+    ids = [i for i in entry["ids"] if id_hash(i) not in gone]  # a resumed request: the rest
+    if not ids:  # every sweep landed before a crash: only the journal entry was left open
+        txn.finish_request(txn.State.of(cfg), request_id)
+        done = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(request_id)]
+        return {**done[-1], "sweeps": done}
+    if plan is None or len(ids) < len(entry["ids"]):
+        plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    groups = plan_sweeps(plan, expected_tail(cfg))
+    if len(groups) == 1:
+        compute(cfg, request_id, ids, force, plan)
+        record = txn.apply(cfg, request_id)
+        return {**record, "sweeps": [record]}
+    outline = {"request": request_id, "expected_tail": expected_tail(cfg),
+               "sweeps": [sorted(g) for g in groups]}  # fmt: skip
+    records = []
+    for part, group in enumerate(groups, start=1):
+        part_id = f"{request_id}-b{min(group)}"
+        part_ids = [i for k in sorted(group) for i in group[k]]
+        compute(cfg, part_id, part_ids, force, group, request_id, {**outline, "part": part})
+        records.append(txn.apply(cfg, part_id))
+    return {**records[-1], "sweeps": records}
 
 
-def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
+def recover(cfg: Config, refresh: bool = True) -> list[str]:
+    """Finish the deletions a crash interrupted (under the writer lock), then refresh the
+    metrics if any was finished; returns the finished request ids."""
+    done = txn.recover(cfg, execute)
+    if done and refresh:
+        refresh_metrics(cfg, done[-1])
+    return done
+
+
+def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:
     """Forget samples by id: one crash-safe deletion, serialised with every other writer.
 
-    Returns the audit record once the new state is committed; ``report`` draws its plot.
+    Returns the audit record once the new state is committed (with the refreshed test accuracy
+    unless ``refresh`` is off); ``report`` draws its plot.
     """
     require_local(cfg.paths.store)  # before anything is journaled
     state = txn.State.of(cfg)
     with state.lock():
-        txn.recover(cfg, execute)
+        recover(cfg, refresh)
         plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse first
         request_id = txn.new_request_id()
         txn.journal_request(state, request_id, ids, force)
-        return execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)
+        record = execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)
+        if refresh:
+            record["test_accuracy_after"] = refresh_metrics(cfg, request_id)["accuracy"]
+        return record
 
 
-def report(cfg: Config, record: dict) -> Path:
+def report(cfg: Config, record: dict) -> Path | None:
     """The deletion's residual-memory plot (reports/<request>.png), drawn from its audit record
-    after the commit: it is evidence for people, not part of the deletion."""
+    after the commit: it is evidence for people, not part of the deletion. None when nothing was
+    retrained (only validation samples left)."""
+    if not record["deltas"]:
+        return None
     return plot_deltas(
         record, cfg.forget.epsilon, cfg.paths.reports / f"{record['request_id']}.png"
     )

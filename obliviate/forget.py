@@ -1,8 +1,9 @@
 """DeepObliviate's deletion (paper Algorithm 1): retrain with the residual-memory stop, stitch.
 
-``sweep`` is pure with respect to the workspace: it reads the store and the blocks and returns
-the new rows, the new blocks and the stitched model in memory. ``obliviate.transaction`` makes
-them durable atomically.
+``sweep`` changes nothing in the workspace: it reads the store and the blocks, hands each
+retrained row to ``put`` as soon as it exists (the transaction streams it to staging, so memory
+stays O(|theta|) however long the sweep runs) and returns the new blocks and the stitched model.
+``obliviate.transaction`` makes them durable atomically.
 
 For a request touching blocks d <= ... <= d_last, one sweep starts from P_{d-1} and removes each
 sample when its block is reached; the stop rule looks at Delta from d_last on (x = 1 at d_last).
@@ -18,6 +19,7 @@ import numpy as np
 
 from obliviate.data import Samples
 from obliviate.faults import crashpoint
+from obliviate.guard import Verdict
 from obliviate.partition import load_block
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
@@ -33,11 +35,10 @@ class Sweep:
     fits: list[dict]  # per step from d_last on: n, h, a, b, slope
     reason: str  # why retraining stopped
     guard_rejections: int  # stops the accuracy guard refused (each cost one more block)
-    thetas: np.ndarray  # (stop-d+1, |theta|) float32 P'_d..P'_stop
-    opts: np.ndarray | None  # matching optimizer states
     served: np.ndarray  # M' = P'_stop + (P_B - P_stop), float32
     shift: np.ndarray | None  # P'_stop - P_stop (float64); None when stop == B
     new_blocks: dict[int, Samples] = field(default_factory=dict)
+    verdict: Verdict | None = None  # the guard's judgement of the served M', if it judged it
     train_seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -54,6 +55,7 @@ class Sweep:
             "retrained_blocks": self.stop - self.first + 1,
             "reason": self.reason,
             "guard_rejections": self.guard_rejections,
+            "guard": None if self.verdict is None else self.verdict.as_dict(),
             "deltas": self.deltas,
             "fits": self.fits,
             "train_seconds": self.train_seconds,
@@ -78,20 +80,23 @@ def sweep(
     store: ParamStore,
     plan: dict[int, list[str]],
     rule: StopRule,
-    accept: Callable[[np.ndarray], bool] | None = None,
+    judge: Callable[[np.ndarray], Verdict] | None = None,
+    put: Callable[[int, np.ndarray, np.ndarray | None], None] = lambda k, theta, opt: None,
 ) -> Sweep:
     """Retrain from the first affected block until the stop rule fires; stitch M'.
 
-    ``accept(M')``, the accuracy guard, may refuse a stop: retraining then goes on and the guard
-    judges again 2, 4, 8, ... blocks later (so a long extension costs O(log) evaluations) until
-    it accepts or the store ends (where M' is the retrained model itself).
+    ``plan`` maps blocks 1..B to the ids leaving them (block 0, the validation split, is not
+    trained on and is the caller's business). ``put(k, P'_k, state)`` receives each retrained
+    row once. ``judge(M')``, the accuracy guard, may refuse a stop: retraining then goes on and
+    the guard judges again 2, 4, 8, ... blocks later (so a long extension costs O(log)
+    evaluations) until it accepts or the store ends (where M' is the retrained model itself).
     """
     start = time.perf_counter()
     first, last, n_blocks = min(plan), max(plan), store.n_blocks
     new_prev, opt = store.read(first - 1)
     old_prev = new_prev
-    final, _ = store.read(n_blocks)
-    deltas, fits, thetas, opts, new_blocks = [], [], [], [], {}
+    final = store.read_params(n_blocks)
+    deltas, fits, new_blocks, verdict = [], [], {}, None
     train_s, reason, k, rejections, next_check = 0.0, "end_of_store", first, 0, 0
     for k in range(first, n_blocks + 1):
         block = load_block(trainer.blocks_dir, k)
@@ -102,22 +107,23 @@ def sweep(
         theta, opt = trainer.train_samples(k, new_prev, opt, block)
         train_s += time.perf_counter() - t0
         theta, opt = theta.numpy(), None if opt is None else opt.numpy()
-        old_cur, _ = store.read(k)
+        old_cur = store.read_params(k)  # the original run's optimizer state is not needed
         deltas.append(l1_update_distance(old_prev, old_cur, new_prev, theta))
-        thetas.append(theta)
-        opts.append(opt)
+        put(k, theta, opt)
         crashpoint("during_retrain")
         new_prev, old_prev = theta, old_cur
         if k >= last:
             stop, why, fit = rule.decide(deltas[last - first :])
             if fit is not None:
                 fits.append({"n": k - last + 1, **asdict(fit)})
-            if stop and k < n_blocks and accept:
+            if stop and k < n_blocks and judge:
                 if k < next_check:  # after a refusal, judge again at doubling distances
                     continue
-                if not accept(stitch(final, theta, old_cur)):
+                verdict = judge(stitch(final, theta, old_cur))
+                if not verdict.accepted:
                     rejections += 1  # the stitched model lost too much: retrain further
                     next_check = k + 2**rejections
+                    verdict = None
                     continue
             if stop:
                 reason = why
@@ -138,11 +144,10 @@ def sweep(
         fits=fits,
         reason=reason,
         guard_rejections=rejections,
-        thetas=np.stack(thetas),
-        opts=None if opts[0] is None else np.stack(opts),
         served=served,
         shift=shift,
         new_blocks=new_blocks,
+        verdict=verdict,
         train_seconds=train_s,
         total_seconds=time.perf_counter() - start,
     )

@@ -85,7 +85,8 @@ def get(cfg: Config, request_id: str) -> dict:
 def finish(cfg: Config, entry: dict, status: str, reason: str | None = None) -> dict:
     """Mark a request done or refused and drop its raw ids (hashes stay)."""
     ids = entry.pop("ids", [])
-    entry |= {"status": status, "finished_at": _now(), "reason": reason,
+    entry |= {"status": status, "finished_at": _now(), "finished_unix": time.time(),
+              "reason": reason,
               "id_hashes": entry.get("id_hashes") or sorted(id_hash(i) for i in ids)}  # fmt: skip
     _write(inbox_dir(cfg), entry)
     return entry
@@ -110,7 +111,7 @@ def reconcile(cfg: Config) -> list[dict]:
         if e["status"] != "running":
             continue
         journal = _journal_entry(cfg, e.get("deletion"))
-        if e.get("deletion") in audited:
+        if e.get("deletion") in audited or journal.get("status") == "done":
             changed.append(finish(cfg, e, "done"))
         elif journal.get("status") == "refused":  # the deletion itself was refused: final
             changed.append(finish(cfg, e, "refused", redact(journal.get("reason", ""), e["ids"])))

@@ -1,8 +1,9 @@
 """Balanced block partition and the on-disk blocks (the project's own copy of the training data).
 
 Layout of ``paths.blocks``:
-    manifest.json          dataset info, B, seed, per-block size and sha256
-    index.npz              ids, block, label of every sample (no contents)
+    manifest.json          dataset info, B, seed, per-block size and sha256, the validation split
+    index.npz              ids, block, label of every sample (no contents); block 0 = validation
+    validation.npz         the validation split: ids, y, x, slot; never trained on
     block_0001.npz ...     ids (N_k,), y (N_k,), x (N_k, ...), slot (N_k,) -- uncompressed, so a
                            purge can be checked by searching for a sample's raw bytes
 """
@@ -25,6 +26,7 @@ from obliviate.errors import PartitionError, StoreError
 
 MANIFEST = "manifest.json"
 INDEX = "index.npz"  # ids, block and label of every sample: answers "where is id X" at once
+VALIDATION = "validation.npz"  # block 0 in the index: held out from training, judged on
 
 
 def balanced_partition(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.ndarray]:
@@ -52,6 +54,28 @@ def balanced_partition(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.
     return [rng.permutation(sequence[owner == b]) for b in range(n_blocks)]
 
 
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a label-balanced validation split: floor(n_c * fraction) of each class c
+    (at least one where fraction > 0), seeded. These samples are never trained on."""
+    labels = np.asarray(labels)
+    if fraction == 0:
+        return np.array([], dtype=np.int64)
+    rng = np.random.default_rng([seed, 1])
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = min(max(1, int(len(members) * fraction)), len(members) - 1)
+        picked.append(rng.choice(members, n, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def split_training(labels: np.ndarray, fraction: float, n_blocks: int, seed: int):
+    """The validation split and B balanced blocks of the rest, as indices into ``labels``."""
+    val = validation_split(labels, fraction, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), val)
+    return val, [rest[b] for b in balanced_partition(np.asarray(labels)[rest], n_blocks, seed)]
+
+
 def without_forgotten(dataset: Dataset, forgotten: set[str]) -> Dataset:
     """Drop samples whose id hash the audit lists, so a re-partition cannot resurrect them."""
     from obliviate.audit import id_hash
@@ -63,7 +87,13 @@ def without_forgotten(dataset: Dataset, forgotten: set[str]) -> Dataset:
 
 
 def block_file(k: int) -> str:
-    return f"block_{k:04d}.npz"
+    """The file of block k; block 0 is the validation split."""
+    return VALIDATION if k == 0 else f"block_{k:04d}.npz"
+
+
+def block_entry(manifest: dict, k: int) -> dict:
+    """The manifest's entry (file, n, slots, sha256) of block k; 0 is the validation split."""
+    return manifest["validation"] if k == 0 else manifest["blocks"][k - 1]
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -83,8 +113,10 @@ def write_blocks(
     test_path: Path,
     params: dict,
     extra: dict | None = None,
+    val: np.ndarray | None = None,
 ) -> dict:
-    """Write blocks, manifest and test set atomically: a crash leaves the old copy or the new one.
+    """Write blocks, the validation split ``val`` (indices into dataset.train), manifest and test
+    set atomically: a crash leaves the old copy or the new one.
 
     Everything is written next to the destination and moved into place with renames.
     """
@@ -97,6 +129,11 @@ def write_blocks(
             save_npz(tmp / block_file(k), ids=s.ids, y=s.y, x=s.x, slot=np.arange(len(idx)))
             sha = file_digest(tmp / block_file(k))
             entries.append({"file": block_file(k), "n": len(idx), "slots": len(idx), "sha256": sha})
+        val = np.array([], dtype=np.int64) if val is None else np.asarray(val)
+        v = dataset.train.take(val)
+        save_npz(tmp / VALIDATION, ids=v.ids, y=v.y, x=v.x, slot=np.arange(len(val)))
+        validation = {"file": VALIDATION, "n": len(val), "slots": len(val),
+                      "sha256": file_digest(tmp / VALIDATION)}  # fmt: skip
         manifest = {
             "format": 1,
             "dataset": asdict(dataset.info),
@@ -104,12 +141,14 @@ def write_blocks(
             "n_samples": int(sum(len(b) for b in blocks)),
             "params": params,
             "blocks": entries,
+            "validation": validation,
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         train = dataset.train
-        block_of = np.concatenate([np.full(len(b), k) for k, b in enumerate(blocks, start=1)])
-        order = np.concatenate(blocks)
+        parts = [val, *blocks]
+        block_of = np.concatenate([np.full(len(b), k) for k, b in enumerate(parts)])
+        order = np.concatenate(parts)
         save_npz(tmp / INDEX, ids=train.ids[order], block=block_of, label=train.y[order])
         test_tmp = test_path.with_name(f".{test_path.name}.tmp.npz")
         save_npz(test_tmp, ids=dataset.test.ids, y=dataset.test.y, x=dataset.test.x)
@@ -119,6 +158,16 @@ def write_blocks(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def partition_dataset(dataset: Dataset, prepare, blocks_dir: Path, test_path: Path) -> dict:
+    """Split (``prepare``: val_fraction, blocks, seed) and write, without a verifying owner: the
+    short path of scratch workspaces (reports, benchmarks, tests)."""
+    val, blocks = split_training(
+        dataset.train.y, prepare.val_fraction, prepare.blocks, prepare.seed
+    )
+    params = prepare.model_dump(mode="json")
+    return write_blocks(dataset, blocks, blocks_dir, test_path, params, val=val)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -144,7 +193,8 @@ def dataset_info(manifest: dict) -> DatasetInfo:
 
 
 def load_block(blocks_dir: Path, k: int) -> Samples:
-    """Block k (1-based) as written by write_blocks (minus forgotten samples)."""
+    """Block k (1-based) as written by write_blocks (minus forgotten samples); k = 0 is the
+    validation split."""
     with np.load(blocks_dir / block_file(k), allow_pickle=False) as z:
         return Samples(z["ids"], z["y"], z["x"], z["slot"])
 

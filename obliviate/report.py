@@ -52,12 +52,11 @@ def build(cfg: Config, forgotten: set[str] = frozenset()) -> None:
     """Partition and stored training in cfg's (scratch) paths, without a verifying owner and
     without the samples whose id hashes are in ``forgotten`` (the real workspace's audit)."""
     from obliviate.data import load_dataset
-    from obliviate.partition import balanced_partition, without_forgotten, write_blocks
+    from obliviate.partition import partition_dataset, without_forgotten
     from obliviate.train import stored_training
 
     ds = without_forgotten(load_dataset(cfg.prepare, cfg.root), set(forgotten))
-    blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
-    write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, cfg.prepare.model_dump(mode="json"))
+    partition_dataset(ds, cfg.prepare, cfg.paths.blocks, cfg.paths.test)
     stored_training(cfg, overwrite=True)
 
 
@@ -79,9 +78,10 @@ def restore(cfg: Config, src: Path) -> None:
             p.unlink()
 
 
-def pick(cfg: Config, n: int, position: str) -> list[str]:
+def pick(cfg: Config, n: int, position: str, skip: int = 0) -> list[str]:
     """n sample ids from the block at ``position``, spilling into its neighbours when n exceeds
-    what a block can give (each block keeps its first sample of every class)."""
+    what a block can give (each block keeps its first sample of every class); ``skip`` passes
+    over that many candidates first (another draw of the same size and position)."""
     n_blocks = cfg.prepare.blocks
     start = {"first": 1, "middle": n_blocks // 2, "last": n_blocks}[position]
     step = -1 if position == "last" else 1
@@ -91,7 +91,9 @@ def pick(cfg: Config, n: int, position: str) -> list[str]:
         block = load_block(cfg.paths.blocks, k)
         _, first_of_class = np.unique(block.y, return_index=True)
         spare = [str(s) for i, s in enumerate(block.ids) if i not in set(first_of_class)]
-        ids += spare[: n - len(ids)]
+        taken = spare[skip:]
+        skip = max(0, skip - len(spare))
+        ids += taken[: n - len(ids)]
         k += step
     return ids
 
@@ -120,7 +122,7 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
     y = load_samples(cfg.paths.test).y
     original = ParamStore.open(cfg.paths.store).read(cfg.prepare.blocks)[0]
     p_orig = predictions(cfg, trainer, original)
-    forget(cfg, pick(cfg, 1, "middle"), force=True)  # warm-up: first-use imports
+    forget(cfg, pick(cfg, 1, "middle"), force=True, refresh=False)  # warm-up: first-use imports
     rows = []
     for n in sizes:
         for position in positions:
@@ -131,7 +133,7 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
                     update={"forget": cfg.forget.model_copy(update={"epsilon": eps})}
                 )
                 ids = pick(cfg, n, position)
-                record, deletion_s = _timed(forget, run_cfg, ids, force=True)
+                record, deletion_s = _timed(forget, run_cfg, ids, force=True, refresh=False)
                 if naive is None:  # naive does not depend on epsilon
                     store, naive_s = _timed(stored_training, naive_config(cfg), overwrite=True)
                     naive = store.read(store.n_blocks)[0]
@@ -171,9 +173,9 @@ def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
     test = load_samples(cfg.paths.test)
     ids = pick(cfg, 1, "middle")
     plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit)
-    forget(cfg, pick(cfg, 1, "first"), force=True)  # warm-up
+    forget(cfg, pick(cfg, 1, "first"), force=True, refresh=False)  # warm-up
     restore(cfg, pristine)
-    _, obl_s = _timed(forget, cfg, ids)
+    _, obl_s = _timed(forget, cfg, ids, refresh=False)
     store = ParamStore.open(cfg.paths.store)
     p_obl, predict_s = _timed(predictions, cfg, trainer, store.read(store.n_blocks)[0])
     naive, naive_s = _timed(stored_training, naive_config(cfg), overwrite=True)

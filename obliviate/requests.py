@@ -14,7 +14,7 @@ import numpy as np
 
 from obliviate.audit import forgotten_hashes, id_hash
 from obliviate.errors import RequestError
-from obliviate.partition import INDEX, read_manifest
+from obliviate.partition import INDEX, block_file, read_manifest
 
 
 def read_request_file(path: Path) -> list[str]:
@@ -40,8 +40,8 @@ def read_request_file(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class SampleIndex:
-    ids: np.ndarray  # (N,) every sample id in the blocks
-    block: np.ndarray  # (N,) its block, 1-based
+    ids: np.ndarray  # (N,) every sample id in the blocks and the validation split
+    block: np.ndarray  # (N,) its block, 1-based; 0 for the validation split
     label: np.ndarray  # (N,)
 
     @classmethod
@@ -56,8 +56,10 @@ class SampleIndex:
         """Read the ids from every block file (the index file is a cache of this)."""
         n_blocks = read_manifest(blocks_dir)["n_blocks"]
         ids, blocks, labels = [], [], []
-        for k in range(1, n_blocks + 1):
-            with np.load(blocks_dir / f"block_{k:04d}.npz", allow_pickle=False) as z:
+        for k in range(n_blocks + 1):
+            if not (blocks_dir / block_file(k)).is_file():  # no validation split
+                continue
+            with np.load(blocks_dir / block_file(k), allow_pickle=False) as z:
                 ids.append(z["ids"])
                 labels.append(z["y"])
             blocks.append(np.full(len(ids[-1]), k))
@@ -71,7 +73,9 @@ class SampleIndex:
 def plan_deletion(
     ids: list[str], blocks_dir: Path, audit_path: Path, force: bool = False
 ) -> dict[int, list[str]]:
-    """Validate a request and group its ids by block: {block: [ids]}; RequestError if unsafe."""
+    """Validate a request and group its ids by block: {block: [ids]}; RequestError if unsafe.
+
+    Block 0 is the validation split: its samples are dropped from it, and nothing retrains."""
     if not ids:
         raise RequestError("the request names no sample ids; pass at least one.")
     dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
@@ -101,10 +105,16 @@ def _refuse_unsafe(index: SampleIndex, rows: np.ndarray) -> None:
     removed_per_block = Counter(index.block[rows].tolist())
     sizes = Counter(index.block.tolist())
     emptied = sorted(b for b, n in removed_per_block.items() if n >= sizes[b])
+    if 0 in emptied:
+        raise RequestError(
+            "the request would empty the validation split the accuracy guard judges on; "
+            "pass --force to allow it."
+        )
     if emptied:
         raise RequestError(f"the request would empty block(s) {emptied}; pass --force to allow it.")
-    removed_per_class = Counter(index.label[rows].tolist())
-    totals = Counter(index.label.tolist())
+    trained = rows[index.block[rows] > 0]  # the validation split is not training data
+    removed_per_class = Counter(index.label[trained].tolist())
+    totals = Counter(index.label[index.block > 0].tolist())
     wiped = sorted(int(c) for c, n in removed_per_class.items() if n >= totals[c])
     if wiped:
         raise RequestError(

@@ -16,6 +16,8 @@ obliviate.objectstore); zarr reaches a URL through fsspec. Deletions need a loca
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
 import shutil
 import subprocess
@@ -104,7 +106,11 @@ class ParamStore:
         return int(self.meta["n_blocks"])
 
     def _set_completed(self, k: int) -> None:
-        self.params.attrs["obliviate"] = {**self.meta, "completed": k}
+        self.update_meta(completed=k)
+
+    def update_meta(self, **changes) -> None:
+        """Replace keys of attrs["obliviate"] (one atomic metadata write)."""
+        self.params.attrs["obliviate"] = {**self.meta, **changes}
 
     def require_complete(self) -> None:
         if self.completed != self.n_blocks:
@@ -115,67 +121,115 @@ class ParamStore:
 
     # ------------------------------------------------------------------ rows
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none).
-
-        P_k is the row as the consistent store defines it: the stored row plus every stitching
-        shift whose ranges cover k (see ``apply_deletion``).
-        """
+        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""
         opt = self.optimizer[k] if self.optimizer is not None else None
+        return self.read_params(k), opt
+
+    def read_params(self, k: int) -> np.ndarray:
+        """P_k as the consistent store defines it: the stored row plus the stitching shift whose
+        ranges cover k, if any. Shifts are compacted (see ``install_deletion``): at most one covers
+        a row, so a read costs one row and at most one shift however many deletions happened."""
         theta = self.params[k]
         covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
         if covering:
-            shifts = self.group["shifts"]
-            total = theta.astype(np.float64)
-            for i in covering:
-                total += shifts[i]
-            theta = total.astype(np.float32)
-        return theta, opt
+            (i,) = covering
+            theta = (theta.astype(np.float64) + self.group["shifts"][i]).astype(np.float32)
+        return theta
 
     # ------------------------------------------------------------------ deletions
-    def apply_deletion(
-        self,
-        request_id: str,
-        k0: int,
-        thetas: np.ndarray,
-        opts: np.ndarray | None,
-        served: np.ndarray,
-        shift: np.ndarray | None,
-        fingerprint: str,
+    def install_deletion(
+        self, request_id: str, staged: Path, rows: range, shift: np.ndarray | None, fingerprint: str
     ) -> None:
-        """Install a deletion's retrained rows; idempotent, so a crash can be redone.
+        """Install a deletion's staged rows; idempotent, so a crash can be redone.
 
-        thetas: (n, |theta|) P'_{k0}..P'_{k0+n-1}, the retrained rows, stored exactly.
-        served: the stitched model M', stored as the last row P_B.
-        shift: P'_{d+t} - P_{d+t} (float64), applied lazily to rows d+t+1..B-1: they are not
-        rewritten (at ResNet-50 scale that would take minutes); ``read`` adds the shift.
+        ``staged`` is a Zarr group laid out like this store (same codecs and chunks, see
+        ``staging_group``) holding P'_k for k in ``rows`` and M' in the last row: its chunk files
+        are moved into place, so installing costs renames, not a decode and re-encode.
+        ``shift`` = P'_{d+t} - P_{d+t} (float64) applies lazily to rows d+t+1..B-1: they are not
+        rewritten (at ResNet-50 scale that would take minutes); ``read`` adds it.
         """
-        n_blocks, stop = self.n_blocks, k0 + len(thetas) - 1
-        self.params[k0 : stop + 1] = thetas
-        if self.optimizer is not None:
-            self.optimizer[k0 : stop + 1] = opts
-        self.params[n_blocks] = served
+        for name in ("params", "optimizer"):
+            chunks = staged / name / "c"
+            for src in sorted(chunks.rglob("*")) if chunks.is_dir() else []:
+                if src.is_file():
+                    dest = self.path / name / src.relative_to(staged / name)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dest)
         meta = self.meta
-        shifts = [s for s in meta.get("shifts", []) if s["request"] != request_id]
-        for s in shifts:  # the rewritten rows are exact now: no older shift applies to them
-            s["ranges"] = _remove_range(s["ranges"], k0, stop)
-        if shift is not None and stop + 1 <= n_blocks - 1:
-            index = len(shifts)
-            arr = self.group.get("shifts")
-            if arr is None:
-                arr = self.group.create_array(
-                    "shifts",
-                    shape=(0, len(shift)),
-                    dtype="float64",
-                    chunks=(1, min(len(shift), MAX_CHUNK_ELEMS)),
-                    compressors=[codec()],
-                )
-            if arr.shape[0] <= index:
-                arr.resize((index + 1, len(shift)))
-            arr[index] = shift
-            shifts.append(
-                {"request": request_id, "index": index, "ranges": [[stop + 1, n_blocks - 1]]}
+        if meta.get("last_request") == request_id:  # a redo: the shifts are installed already
+            return
+        shifts = self._compacted_shifts(meta.get("shifts", []), rows, shift, request_id)
+        self.update_meta(shifts=shifts, fingerprint=fingerprint, last_request=request_id)
+
+    def _compacted_shifts(
+        self, shifts: list[dict], rows: range, shift, request_id: str
+    ) -> list[dict]:
+        """The shift table after a deletion that rewrote ``rows`` and shifts the rows after them.
+
+        Invariant: at most one shift covers a row. The new shift covers stop+1..B-1; where an
+        older shift covers part of that, the part gets a new entry holding their sum. New sums go
+        to array slots no current entry uses, so a crash before the metadata write changes
+        nothing that ``read`` sees.
+        """
+        lo, hi = rows.stop, self.n_blocks - 1  # the rows the new shift covers
+        out = []
+        for s in shifts:
+            s = {**s, "ranges": _remove_range(s["ranges"], rows.start, rows.stop - 1)}
+            if shift is not None:
+                s["ranges"] = _remove_range(s["ranges"], lo, hi)
+            if s["ranges"]:
+                out.append(s)
+        if shift is None or lo > hi:
+            return out
+        arr = self._shift_array(len(shift))
+        used = {s["index"] for s in shifts}  # what the metadata on disk still points at
+        free = (i for i in itertools.count() if i not in used)
+        uncovered = [[lo, hi]]
+        for s in shifts:  # each older shift's part inside lo..hi: old + new in one entry
+            part = [r for r in (_intersect(a, b, lo, hi) for a, b in s["ranges"]) if r]
+            if not part:
+                continue
+            i = next(free)
+            self._write_shift(arr, i, arr[s["index"]] + shift)
+            out.append({"request": request_id, "index": i, "ranges": part})
+            used.add(i)
+            for a, b in part:
+                uncovered = _remove_range(uncovered, a, b)
+        if uncovered:
+            i = next(free)
+            self._write_shift(arr, i, shift)
+            out.append({"request": request_id, "index": i, "ranges": uncovered})
+        return out
+
+    def _shift_array(self, width: int):
+        arr = self.group.get("shifts")
+        if arr is None:
+            arr = self.group.create_array(
+                "shifts",
+                shape=(0, width),
+                dtype="float64",
+                chunks=(1, min(width, MAX_CHUNK_ELEMS)),
+                compressors=[codec()],
             )
-        self.params.attrs["obliviate"] = {**meta, "shifts": shifts, "fingerprint": fingerprint}
+        return arr
+
+    @staticmethod
+    def _write_shift(arr, i: int, values: np.ndarray) -> None:
+        if arr.shape[0] <= i:
+            arr.resize((i + 1, arr.shape[1]))
+        arr[i] = values
+
+    def staging_group(self, folder: Path) -> zarr.Group:
+        """An empty Zarr group at ``folder`` with this store's arrays' metadata (codecs, chunks,
+        shape): rows written there have the chunk files ``install_deletion`` moves in."""
+        self.require_local()
+        folder.mkdir(parents=True)
+        shutil.copy(self.path / "zarr.json", folder / "zarr.json")
+        for name in ("params", "optimizer"):
+            if (self.path / name / "zarr.json").is_file():
+                (folder / name).mkdir()
+                shutil.copy(self.path / name / "zarr.json", folder / name / "zarr.json")
+        return zarr.open_group(str(folder), mode="r+")
 
     @property
     def is_remote(self) -> bool:
@@ -238,6 +292,10 @@ class ParamStore:
 
 def _covers(ranges: list[list[int]], k: int) -> bool:
     return any(lo <= k <= hi for lo, hi in ranges)
+
+
+def _intersect(a: int, b: int, lo: int, hi: int) -> list[int] | None:
+    return [max(a, lo), min(b, hi)] if max(a, lo) <= min(b, hi) else None
 
 
 def _remove_range(ranges: list[list[int]], lo: int, hi: int) -> list[list[int]]:

@@ -387,4 +387,9 @@ def stored_training(
             if on_block:
                 on_block(k, trainer.n_blocks)
     par.barrier()
-    return ParamStore.open(cfg.paths.store)  # the writer process changed it
+    store = ParamStore.open(cfg.paths.store)  # the writer process changed it
+    if par.rank == 0:
+        from obliviate.guard import record_reference
+
+        record_reference(cfg, store, trainer)  # the accuracy guard's yardstick
+    return store

@@ -18,8 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate import audit
+from obliviate import audit, versioning
 from obliviate.config import Config
 from obliviate.errors import RequestError
 from obliviate.faults import crashpoint
-from obliviate.partition import INDEX, MANIFEST, block_file, read_manifest, save_npz
+from obliviate.partition import INDEX, MANIFEST, block_entry, block_file, read_manifest, save_npz
 from obliviate.requests import SampleIndex
 
 
@@ -64,7 +62,7 @@ class State:
         return [e for e in entries if e["status"] == "accepted"]
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -83,7 +81,7 @@ def journal_request(state: State, request_id: str, ids: list[str], force: bool) 
         "status": "accepted",
         "submitted_at": time.time(),
     }
-    _write_json_atomic(state.requests / f"{request_id}.json", entry)
+    write_json_atomic(state.requests / f"{request_id}.json", entry)
 
 
 def finish_request(state: State, request_id: str, status: str = "done", why: str = "") -> None:
@@ -92,73 +90,100 @@ def finish_request(state: State, request_id: str, status: str = "done", why: str
     if path.is_file():
         entry = json.loads(path.read_text())
         entry.update(status=status, ids=[], finished_at=time.time(), reason=why)
-        _write_json_atomic(path, entry)
+        write_json_atomic(path, entry)
 
 
 # --------------------------------------------------------------------------- staging
 
 
+@dataclass
+class Staging:
+    """A deletion's staging folder while it is computed: retrained rows stream into ``rows.zarr``
+    (laid out like the store, so installing them is a rename per chunk)."""
+
+    folder: Path
+    rows: object  # zarr.Group
+
+    def put(self, k: int, theta: np.ndarray, opt: np.ndarray | None) -> None:
+        self.rows["params"][k] = theta
+        if opt is not None:
+            self.rows["optimizer"][k] = opt
+
+
+def begin(cfg: Config, request_id: str, store) -> Staging:
+    """An empty staging folder for ``request_id`` (not yet committed: recovery drops it)."""
+    tmp = State.of(cfg).staging / f".tmp-{request_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return Staging(tmp, store.staging_group(tmp / "rows.zarr"))
+
+
 def stage(
     cfg: Config,
+    staging: Staging,
     request_id: str,
     sweep,
     record: dict,
-    metrics: dict,
     superseded_md5: list[str],
+    journal: dict,
 ) -> dict:
-    """Write the redo record of a computed deletion; its final rename is the commit point.
+    """Complete the redo record of a computed deletion; its final rename is the commit point.
 
-    The new manifest and store fingerprint are derived here from the staged block files, so the
-    record states exactly what ``apply`` will install. Returns the staged transaction.
+    ``journal``: the journaled request this deletion belongs to (``journal_id``) and whether it
+    is the request's last planned sweep (``last_part``), which finishes the journal entry.
+
+    ``sweep`` is the forget.Sweep (None when only validation samples leave). The new manifest
+    and store fingerprint are derived here from the staged block files, so the record states
+    exactly what ``apply`` will install. Returns the staged transaction.
     """
     from obliviate.train import fingerprint_for
 
-    state = State.of(cfg)
-    tmp = state.staging / f".tmp-{request_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "blocks").mkdir(parents=True)
-    arrays = {
-        "thetas": sweep.thetas,
-        "opts": sweep.opts,
-        "served": sweep.served,
-        "shift": sweep.shift,
-    }
-    np.savez(tmp / "rows.npz", **{k: v for k, v in arrays.items() if v is not None})
+    tmp = staging.folder
+    (tmp / "blocks").mkdir()
+    rows = None
+    if sweep is not None:
+        rows = [sweep.first, sweep.stop + 1]
+        n_blocks = staging.rows["params"].shape[0] - 1
+        if sweep.stop < n_blocks:
+            staging.rows["params"][n_blocks] = sweep.served  # M', the served row
+        if sweep.shift is not None:
+            np.save(tmp / "shift.npy", sweep.shift)
+    new_blocks = record.pop("new_blocks")
     manifest = read_manifest(cfg.paths.blocks)
-    entries = {b["file"]: dict(b) for b in manifest["blocks"]}
     removed = 0
-    for k, s in sweep.new_blocks.items():
+    for k, s in new_blocks.items():
         path = tmp / "blocks" / block_file(k)
         save_npz(path, ids=s.ids, y=s.y, x=s.x, slot=s.slot)
-        removed += entries[block_file(k)]["n"] - len(s.ids)
-        entries[block_file(k)].update(n=len(s.ids), sha256=audit.file_digest(path))
-    manifest["blocks"] = [entries[b["file"]] for b in manifest["blocks"]]
+        entry = block_entry(manifest, k)
+        if k > 0:
+            removed += entry["n"] - len(s.ids)
+        entry.update(n=len(s.ids), sha256=audit.file_digest(path))
     index = SampleIndex.of(cfg.paths.blocks)
-    kept = np.concatenate([s.ids for s in sweep.new_blocks.values()])
-    gone = index.ids[np.isin(index.block, list(sweep.new_blocks)) & ~np.isin(index.ids, kept)]
+    kept = np.concatenate([s.ids for s in new_blocks.values()])
+    gone = index.ids[np.isin(index.block, list(new_blocks)) & ~np.isin(index.ids, kept)]
     index = index.without(list(gone))
     save_npz(tmp / INDEX, ids=index.ids, block=index.block, label=index.label)
     manifest["n_samples"] -= removed
     record = {
         **record,
-        "blocks_after": {
-            str(k): entries[block_file(k)]["sha256"] for k in sorted(sweep.new_blocks)
-        },
+        "blocks_after": {str(k): block_entry(manifest, k)["sha256"] for k in sorted(new_blocks)},
     }
     txn = {
         "request_id": request_id,
-        "first_block": sweep.first,
-        "blocks": sorted(sweep.new_blocks),
+        "rows": rows,
+        "blocks": sorted(new_blocks),
         "manifest": manifest,
         "fingerprint": fingerprint_for(cfg, manifest),
-        "metrics": metrics,
-        "delta_plot": [{"block": sweep.first + i, "delta": d} for i, d in enumerate(sweep.deltas)],
+        "delta_plot": [
+            {"block": record["first_block"] + i, "delta": d} for i, d in enumerate(record["deltas"])
+        ],
         "record": record,
         "superseded_md5": superseded_md5,
+        **journal,
     }
-    _write_json_atomic(tmp / "txn.json", txn)
+    write_json_atomic(tmp / "txn.json", txn)
     crashpoint("before_commit")
-    os.replace(tmp, state.staging / request_id)  # <- commit point
+    os.replace(tmp, State.of(cfg).staging / request_id)  # <- commit point
     return txn
 
 
@@ -184,19 +209,10 @@ def apply(cfg: Config, request_id: str) -> dict:
     state = State.of(cfg)
     folder = state.staging / request_id
     txn = json.loads((folder / "txn.json").read_text())
-    with np.load(folder / "rows.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-
     store = ParamStore.open(cfg.paths.store)
-    store.apply_deletion(
-        request_id,
-        txn["first_block"],
-        arrays["thetas"],
-        arrays.get("opts"),
-        arrays["served"],
-        arrays.get("shift"),
-        txn["fingerprint"],
-    )
+    rows = range(*txn["rows"]) if txn["rows"] else range(0)
+    shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
+    store.install_deletion(request_id, folder / "rows.zarr", rows, shift, txn["fingerprint"])
     crashpoint("after_store")
     for k in txn["blocks"]:
         staged = folder / "blocks" / block_file(int(k))
@@ -205,66 +221,21 @@ def apply(cfg: Config, request_id: str) -> dict:
             crashpoint("after_block")
     if (folder / INDEX).is_file():
         os.replace(folder / INDEX, cfg.paths.blocks / INDEX)
-    _write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
-    for name, content in txn["metrics"].items():
-        _write_json_atomic(cfg.paths.metrics / name, content)
-    _write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
+    write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
+    write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
     audit.append_record(cfg.paths.audit, txn["record"])
     crashpoint("after_audit")
-    versioned = commit_versions(cfg, request_id)
+    versioned = versioning.commit(
+        cfg, [cfg.paths.blocks, cfg.paths.store], f"obliviate: forget request {request_id}"
+    )
     crashpoint("after_commit")
     purged = purge_cache(cfg, txn["superseded_md5"])
-    finish_request(state, request_id)  # before removing the redo record: a crash in between
+    if txn.get("last_part", True):  # before removing the redo record: a crash in between
+        finish_request(state, txn.get("journal_id", request_id))
     done = state.staging / f".tmp-{request_id}"  # re-applies (a no-op), never re-runs it;
     os.replace(folder, done)  # renamed first, so a crash mid-removal leaves only a .tmp-
     shutil.rmtree(done)  # folder, which recovery drops
     return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged}
-
-
-def commit_versions(cfg: Config, request_id: str) -> str:
-    """Record the new blocks and store as a DVC version and, in git, one commit per deletion."""
-    root = cfg.root
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
-        return "no DVC project"
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    stages = locked_stages(root)  # the stages that ran; one that never ran has no outputs yet
-    if stages:
-        _run(["dvc", "commit", "--force", *stages], root, env)
-    if _run(["git", "rev-parse", "--is-inside-work-tree"], root, env, check=False) != 0:
-        return "dvc"
-    paths = [p for p in ("dvc.lock", os.path.relpath(cfg.paths.audit, root)) if (root / p).exists()]
-    _run(["git", "add", "--", *paths], root, env)
-    if _run(["git", "diff", "--cached", "--quiet", "--", *paths], root, env, check=False) == 0:
-        return "dvc+git (nothing new)"  # a redo after the commit already happened
-    ident = {"GIT_AUTHOR_NAME": "obliviate", "GIT_AUTHOR_EMAIL": "obliviate@localhost"}
-    ident |= {"GIT_COMMITTER_NAME": "obliviate", "GIT_COMMITTER_EMAIL": "obliviate@localhost"}
-    for key, value in ident.items():
-        env.setdefault(key, value)
-    _run(
-        ["git", "commit", "--quiet", "-m", f"obliviate: forget request {request_id}", "--", *paths],
-        root,
-        env,
-    )
-    return "dvc+git"
-
-
-def locked_stages(root: Path) -> list[str]:
-    """Stage names recorded in dvc.lock."""
-    import yaml
-
-    lock = root / "dvc.lock"
-    return (
-        sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
-    )
-
-
-def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> int:
-    beside_python = Path(sys.executable).parent / cmd[0]  # dvc installed in the same venv
-    exe = str(beside_python) if beside_python.is_file() else (shutil.which(cmd[0]) or cmd[0])
-    done = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.returncode
 
 
 def dvc_cache_dir(root: Path) -> Path:
@@ -306,7 +277,8 @@ def md5s_in_use(root: Path) -> set[str]:
 
 
 def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:
-    """Files a deletion replaces: affected blocks, retrained rows, the last row, metadata."""
+    """Files a deletion replaces: affected blocks (0: the validation split), retrained rows, the
+    last row, metadata."""
     files = [cfg.paths.blocks / block_file(k) for k in blocks]
     files += [cfg.paths.blocks / INDEX, cfg.paths.blocks / MANIFEST]  # they name every sample
     files += store.files_for_rows([*rows, store.n_blocks])

@@ -27,14 +27,18 @@ def load_dataset(cfg: Config) -> data.Dataset:
 
 
 @task(**NO_CACHE)
-def partition_blocks(labels: np.ndarray, n_blocks: int, seed: int) -> list[np.ndarray]:
-    return partition.balanced_partition(labels, n_blocks, seed)
+def partition_blocks(cfg: Config, labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The validation split and the B balanced blocks (indices into the training samples)."""
+    p = cfg.prepare
+    return partition.split_training(labels, p.val_fraction, p.blocks, p.seed)
 
 
 @task(**NO_CACHE)
-def gate_partition(ids: np.ndarray, labels: np.ndarray, blocks: list[np.ndarray]) -> str:
+def gate_partition(
+    ids: np.ndarray, labels: np.ndarray, val: np.ndarray, blocks: list[np.ndarray]
+) -> str:
     """Great Expectations gate; raises PartitionError (failing the flow) with the report."""
-    report = validate.require_valid_partition(ids, labels, blocks).report()
+    report = validate.require_valid_partition(ids, labels, blocks, val).report()
     get_run_logger().info("partition passed its data-quality gate:\n%s", report)
     return report
 
@@ -51,10 +55,12 @@ def plant_owner(cfg: Config, ds: data.Dataset, blocks: list[np.ndarray]):
 
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, **NO_CACHE)
 def write_blocks(
-    cfg: Config, ds: data.Dataset, blocks: list[np.ndarray], owners: list[str]
+    cfg: Config, ds: data.Dataset, val: np.ndarray, blocks: list[np.ndarray], owners: list[str]
 ) -> dict:
     params = cfg.prepare.model_dump(mode="json")
     hashes = sorted(id_hash(i) for i in owners)
     extra = {"verification": {"owner_id_hashes": hashes, "block": cfg.verify.owner_block,
                               "target": cfg.verify.target}} if owners else {}  # fmt: skip
-    return partition.write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, params, extra)
+    return partition.write_blocks(
+        ds, blocks, cfg.paths.blocks, cfg.paths.test, params, extra, val=val
+    )

@@ -22,7 +22,7 @@ from tasks import NO_CACHE
 @task(**NO_CACHE)
 def recover(cfg: Config) -> list[str]:
     """Finish deletions a crash interrupted, before anything new starts."""
-    done = txn.recover(cfg, deletion.execute)
+    done = deletion.recover(cfg)
     if done:
         get_run_logger().warning("recovered interrupted deletion(s): %s", ", ".join(done))
     return done
@@ -44,31 +44,35 @@ def journal(cfg: Config, ids: list[str], force: bool, request_id: str | None = N
 
 
 @task(**NO_CACHE)
-def retrain_and_stage(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
-    """Retrain with the residual-memory stop, stitch, evaluate, stage the redo record."""
-    staged = deletion.compute(cfg, request_id, ids, force)
-    r = staged["record"]
-    get_run_logger().info(
-        "request %s: retrained blocks %d..%d (t=%d, %s)",
-        request_id,
-        r["first_block"],
-        r["stop_block"],
-        r["t"],
-        r["reason"],
-    )
-    return staged
+def execute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
+    """Retrain with the residual-memory stop, stitch, judge, stage and apply: one transaction
+    per planned sweep (store, blocks, audit, DVC/git commit, cache purge)."""
+    entry = {"request_id": request_id, "ids": ids, "force": force}
+    record = deletion.execute(cfg, entry)
+    for r in record["sweeps"]:
+        get_run_logger().info(
+            "deletion %s: retrained blocks %s..%s (t=%d, %s)",
+            r["request_id"],
+            r["first_block"],
+            r["stop_block"],
+            r["t"],
+            r["reason"],
+        )
+    return record
 
 
 @task(**NO_CACHE)
-def apply(cfg: Config, request_id: str) -> dict:
-    """Install the staged deletion: store, blocks, audit, DVC/git commit, cache purge."""
-    return txn.apply(cfg, request_id)
+def refresh_metrics(cfg: Config, after: str) -> dict:
+    """Test accuracy and the verification verdict of the new served model, versioned; after the
+    deletion is committed, so they cannot delay or break it."""
+    return deletion.refresh_metrics(cfg, after)
 
 
 @task(**NO_CACHE)
-def report(cfg: Config, record: dict) -> str:
+def report(cfg: Config, record: dict) -> str | None:
     """Draw the residual-memory plot; after the commit, so it cannot delay or break it."""
-    return str(deletion.report(cfg, record))
+    png = deletion.report(cfg, record)
+    return None if png is None else str(png)
 
 
 @task(**NO_CACHE)
@@ -83,7 +87,8 @@ def publish(cfg: Config, record: dict) -> None:
             "t",
             "reason",
             "epsilon",
-            "accuracy_after",
+            "val_accuracy_after",
+            "test_accuracy_after",
             "model_before",
             "model_after",
             "versioned",
@@ -91,6 +96,8 @@ def publish(cfg: Config, record: dict) -> None:
         if k in record
     ]
     create_table_artifact(rows, key="deletion", description=f"deletion {record['request_id']}")
+    if not record["deltas"]:
+        return
     png = cfg.paths.reports / f"{record['request_id']}.png"
     deltas = ", ".join(f"{d:.4g}" for d in record["deltas"])
     create_markdown_artifact(

@@ -65,11 +65,10 @@ def prepared(small_cfg: Config) -> Config:
 
 def prepare(cfg: Config) -> None:
     from obliviate.data import load_dataset
-    from obliviate.partition import balanced_partition, write_blocks
+    from obliviate.partition import partition_dataset
 
     ds = load_dataset(cfg.prepare, cfg.root)
-    blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
-    write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, cfg.prepare.model_dump(mode="json"))
+    partition_dataset(ds, cfg.prepare, cfg.paths.blocks, cfg.paths.test)
 
 
 @pytest.fixture

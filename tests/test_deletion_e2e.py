@@ -105,15 +105,17 @@ def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
     for encoded in (sid.encode("utf-32-le"), sid.encode()):
         assert [p for p in files_containing(ws, encoded) if ".prefect" not in p.parts] == []
     assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
-    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 1
-    assert "forget request" in sh(ws, "git", "log", "-1", "--format=%s").stdout
+    # one commit for the deletion, one for the metrics refreshed after it
+    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 2
+    log = sh(ws, "git", "log", "-2", "--format=%s").stdout.splitlines()
+    assert "metrics after" in log[0] and "forget request" in log[1]
     assert sh(ws, "git", "status", "--porcelain").stdout.strip() == ""
     listing = sh(ws, str(BIN / "obliviate"), "audit", "--json").stdout.splitlines()
     assert len(listing) == 1 and sid not in listing[0]
 
     sid2, _ = unique_sample(ws, block=9)
     sh(ws, str(BIN / "obliviate"), "forget", sid2)
-    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 2
+    assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 4
     assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
     again = sh(ws, str(BIN / "obliviate"), "forget", sid, check=False)
     assert again.returncode == 2 and "already forgotten" in again.stderr
@@ -127,11 +129,11 @@ forget(load_config("params.yaml"), [sys.argv[1]])
 """
 RECOVER_SCRIPT = """
 from obliviate.config import load_config
-from obliviate.deletion import execute
-from obliviate.transaction import State, recover
+from obliviate.deletion import recover
+from obliviate.transaction import State
 cfg = load_config("params.yaml")
 with State.of(cfg).lock(timeout=600):
-    print(recover(cfg, execute))
+    print(recover(cfg))
 """
 
 

@@ -8,6 +8,7 @@ import pytest
 from obliviate.audit import id_hash, read_records
 from obliviate.deletion import forget, model_hash
 from obliviate.errors import RequestError
+from obliviate.guard import Verdict
 from obliviate.partition import load_block, read_manifest
 from obliviate.requests import SampleIndex
 from obliviate.store import ParamStore
@@ -115,6 +116,10 @@ def test_refused_request_changes_nothing(trained):
     assert snapshot() == before
 
 
+def verdict(accepted: bool) -> Verdict:
+    return Verdict(accepted, 0.9, 0.9, 0.0, 0.0, 10)
+
+
 def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
     from obliviate.deletion import stop_rule
     from obliviate.forget import sweep
@@ -123,47 +128,160 @@ def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
     store = ParamStore.open(cfg.paths.store)
     trainer = Trainer.from_config(cfg)
     plan = {3: [str(load_block(cfg.paths.blocks, 3).ids[1])]}
-    free = sweep(trainer, store, plan, stop_rule(cfg))
+    free_rows, rows_ = {}, {}
+    free = sweep(trainer, store, plan, stop_rule(cfg), put=lambda k, t, o: free_rows.update({k: t}))
     assert free.stop < store.n_blocks and free.guard_rejections == 0
+    assert sorted(free_rows) == list(range(3, free.stop + 1))  # every retrained row, once
     seen = []
 
     def refuse_once(served):
         seen.append(served)
-        return len(seen) > 1
+        return verdict(len(seen) > 1)
 
-    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=refuse_once)
+    guarded = sweep(
+        trainer, store, plan, stop_rule(cfg), refuse_once, lambda k, t, o: rows_.update({k: t})
+    )
     # judged at the free stop (refused), then again 2 blocks later (accepted)
     assert free.stop + 2 < store.n_blocks
     assert guarded.stop == free.stop + 2 and guarded.guard_rejections == 1 and len(seen) == 2
-    assert np.array_equal(guarded.thetas[: len(free.thetas)], free.thetas)  # same retraining
+    assert guarded.verdict.accepted
+    for k, theta in free_rows.items():  # the same retraining
+        assert np.array_equal(rows_[k], theta)
     old_stop = store.read(guarded.stop)[0].astype(np.float64)
     final = store.read(store.n_blocks)[0].astype(np.float64)
-    shift = guarded.thetas[-1].astype(np.float64) - old_stop
+    shift = rows_[guarded.stop].astype(np.float64) - old_stop
     assert np.array_equal(guarded.shift, shift)  # what the store will add to later rows
     expected = (final + shift).astype(np.float32)  # P'_stop + (P_B - P_stop)
     assert np.array_equal(guarded.served, expected) and np.array_equal(seen[-1], expected)
     assert np.array_equal(seen[0], free.served)  # the guard judged the stitched model
-    never = sweep(trainer, store, plan, stop_rule(cfg), accept=lambda served: False)
+    rows_.clear()
+    never = sweep(
+        trainer,
+        store,
+        plan,
+        stop_rule(cfg),
+        lambda s: verdict(False),
+        lambda k, t, o: rows_.update({k: t}),
+    )
     assert never.stop == store.n_blocks and never.reason == "end_of_store"
-    assert np.array_equal(never.served, never.thetas[-1]) and never.shift is None
+    assert np.array_equal(never.served, rows_[store.n_blocks]) and never.shift is None
 
 
-def test_the_guard_retrains_past_a_stitch_that_loses_accuracy(trained):
-    from obliviate.deletion import accuracy_guard, stop_rule
-    from obliviate.forget import sweep
+def test_the_deletion_judges_m_prime_once_on_the_validation_split(trained):
+    from obliviate.guard import Guard
 
-    cfg = trained.model_copy(update={"forget": trained.forget.model_copy(
-        update={"max_accuracy_drop": 0.0})})  # fmt: skip
-    block = load_block(cfg.paths.blocks, 2)
-    _, keep = np.unique(block.y, return_index=True)  # the first sample of every class stays
-    plan = {2: [str(i) for j, i in enumerate(block.ids) if j not in set(keep)]}
+    cfg = trained
+    manifest = read_manifest(cfg.paths.blocks)
+    val = load_block(cfg.paths.blocks, 0)
+    assert manifest["validation"]["n"] == len(val) > 0
+    assert not set(val.ids) & {i for k in range(1, cfg.prepare.blocks + 1)
+                               for i in load_block(cfg.paths.blocks, k).ids}  # fmt: skip
+    counts = np.bincount(val.y)
+    assert counts.max() - counts.min() <= 1  # label-balanced (digits' classes are near equal)
     store = ParamStore.open(cfg.paths.store)
-    trainer = Trainer.from_config(cfg)
-    accept = accuracy_guard(cfg, trainer, plan, store.read(store.n_blocks)[0])
-    free = sweep(trainer, store, plan, stop_rule(cfg))
-    assert not accept(free.served)  # almost all of block 2: the plain stitch loses accuracy
-    guarded = sweep(trainer, store, plan, stop_rule(cfg), accept=accept)
-    assert guarded.stop > free.stop and guarded.guard_rejections >= 1
-    assert guarded.stop == store.n_blocks or accept(guarded.served)  # what it serves passes
-    r = forget(cfg, plan[2])  # and the deletion path uses it and audits the refusals
-    assert r["stop_block"] == guarded.stop and r["guard_rejections"] == guarded.guard_rejections
+    ref = store.meta["reference"]  # the original's validation predictions, kept at training
+    r = forget(cfg, [str(load_block(cfg.paths.blocks, 5).ids[0])])
+    g = r["guard"]
+    assert g["reference_accuracy"] == pytest.approx(ref["val_accuracy"])
+    served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
+    again = Guard(cfg, Trainer.from_config(cfg), ParamStore.open(cfg.paths.store)).judge(served)
+    assert again.as_dict() == g and r["val_accuracy_after"] == g["accuracy"]
+    assert g["accepted"] or r["reason"] == "end_of_store"
+
+
+def test_forgetting_a_validation_sample_retrains_nothing(trained):
+    cfg = trained
+    before = rows(cfg)
+    val = load_block(cfg.paths.blocks, 0)
+    sid = str(val.ids[3])
+    r = forget(cfg, [sid])
+    assert r["blocks"] == [0] and r["retrained_blocks"] == 0 and r["reason"] == "validation_only"
+    after = rows(cfg)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(after, before, strict=True))
+    left = load_block(cfg.paths.blocks, 0)
+    assert sid not in set(left.ids) and len(left) == len(val) - 1
+    assert read_manifest(cfg.paths.blocks)["validation"]["n"] == len(left)
+    assert sid not in set(SampleIndex.of(cfg.paths.blocks).ids)
+    with pytest.raises(RequestError, match="already forgotten"):
+        forget(cfg, [sid])
+
+
+def test_stitching_shifts_are_compacted_one_per_row(trained):
+    cfg = trained
+    B = cfg.prepare.blocks
+    for k in (4, 1, 2):  # later sweeps end inside earlier shifts' ranges: they must merge
+        before = rows(cfg)
+        r = forget(cfg, [str(load_block(cfg.paths.blocks, k).ids[0])])
+        after = rows(cfg)
+        shift = after[r["stop_block"]][0].astype(np.float64) - before[r["stop_block"]][0]
+        for j in range(r["stop_block"] + 1, B):  # every later row moved by this shift
+            np.testing.assert_allclose(after[j][0], before[j][0] + shift, rtol=0, atol=1e-5)
+        for j in range(k):
+            assert np.array_equal(after[j][0], before[j][0])
+    meta = ParamStore.open(cfg.paths.store).meta
+    covering = [sum(lo <= j <= hi for s in meta["shifts"] for lo, hi in s["ranges"])
+                for j in range(B + 1)]  # fmt: skip
+    assert max(covering) == 1  # a read adds at most one shift
+    assert len(meta["shifts"]) <= 3
+
+
+def test_the_planner_groups_close_blocks_and_splits_far_ones():
+    from obliviate.deletion import plan_sweeps
+
+    plan = {0: ["v"], 3: ["a"], 5: ["b"], 9: ["c"], 30: ["d"], 33: ["e"]}
+    assert plan_sweeps(plan, tail=4) == [
+        {0: ["v"], 3: ["a"], 5: ["b"], 9: ["c"]},  # gaps 2 and 4: cheaper inside one sweep
+        {30: ["d"], 33: ["e"]},  # a gap of 21 costs more than another sweep's tail
+    ]
+    assert plan_sweeps(plan, tail=30) == [plan]
+    assert plan_sweeps({0: ["v"]}, tail=4) == [{0: ["v"]}]
+
+
+def test_far_apart_blocks_are_forgotten_as_planned_sweeps(trained, tmp_path):
+    import shutil
+
+    from obliviate.config import load_config
+
+    cfg = trained
+    twin = tmp_path / "twin"
+    shutil.copytree(cfg.root, twin)
+    one_by_one = load_config(twin / "params.yaml")
+    ids = [str(load_block(cfg.paths.blocks, k).ids[0]) for k in (1, 11)]
+    r = forget(cfg, ids)  # gap 10 > the expected tail (min_blocks 4): two sweeps
+    assert [s["blocks"] for s in r["sweeps"]] == [[1], [11]]
+    records = read_records(cfg.paths.audit)
+    assert [x["request_id"] for x in records] == [s["request_id"] for s in r["sweeps"]]
+    assert all(x["sweep_plan"]["sweeps"] == [[1], [11]] for x in records)
+    assert sum(s["retrained_blocks"] for s in r["sweeps"]) < cfg.prepare.blocks
+    pending = list((cfg.paths.state / "requests").glob("*.json"))
+    assert [__import__("json").loads(p.read_text())["status"] for p in pending] == ["done"]
+    for sid in ids:  # the same as two requests one after the other, bit for bit
+        forget(one_by_one, [sid])
+    got, want = rows(cfg), rows(one_by_one)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(got, want, strict=True))
+
+
+def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from obliviate.deletion import recover
+
+    cfg = trained
+    ids = [str(load_block(cfg.paths.blocks, k).ids[0]) for k in (1, 11)]
+    script = "import sys; from obliviate.config import load_config; from obliviate.deletion "
+    script += "import forget; forget(load_config(sys.argv[1]), sys.argv[2:], refresh=False)"
+    env = {**os.environ, "OBLIVIATE_CRASH_AT": "after_commit"}  # after the first sweep landed
+    crashed = subprocess.run([sys.executable, "-c", script, str(cfg.root / "params.yaml"), *ids],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert crashed.returncode == -9, crashed.stderr
+    assert len(read_records(cfg.paths.audit)) == 1  # the first sweep is in
+    (entry,) = [json.loads(p.read_text()) for p in (cfg.paths.state / "requests").glob("*")]
+    assert entry["status"] == "accepted"  # the request is not finished
+    assert recover(cfg, refresh=False) == [f"{entry['request_id']}-b1", entry["request_id"]]
+    records = read_records(cfg.paths.audit)
+    assert [x["blocks"] for x in records] == [[1], [11]]  # the rest, once; nothing redone
+    index = set(SampleIndex.of(cfg.paths.blocks).ids)
+    assert not set(ids) & index

@@ -51,6 +51,12 @@ def test_emptying_a_block_or_a_class_needs_force(prepared):
         class_0 += list(b.ids[b.y == 0])
     with pytest.raises(RequestError, match=r"every sample of class\(es\) \[0\]"):
         plan_deletion(class_0, prepared.paths.blocks, prepared.paths.audit)
+    val = load_block(prepared.paths.blocks, 0)  # the validation split is a block of its own
+    assert plan_deletion([str(val.ids[0])], prepared.paths.blocks, prepared.paths.audit) == {
+        0: [str(val.ids[0])]
+    }
+    with pytest.raises(RequestError, match="empty the validation split"):
+        plan_deletion(list(val.ids), prepared.paths.blocks, prepared.paths.audit)
 
 
 def test_request_files(tmp_path):

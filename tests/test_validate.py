@@ -49,3 +49,15 @@ def test_a_sample_in_no_block_is_rejected():
     blocks = balanced_partition(LABELS, 4, 0)
     blocks[3] = blocks[3][1:]
     assert "FAIL expect_table_row_count_to_equal" in failed_checks(blocks)
+
+
+def test_a_validation_split_passes_and_a_sample_in_both_fails():
+    from obliviate.partition import split_training
+
+    val, blocks = split_training(LABELS, 0.1, 4, 0)
+    assert check_partition(IDS, LABELS, blocks, val).success
+    assert not set(val) & set(np.concatenate(blocks))
+    leaked = [np.append(blocks[0], val[0]), *blocks[1:]]  # in the validation split and a block
+    result = check_partition(IDS, LABELS, leaked, val)
+    assert not result.success
+    assert any("FAIL" in line and "unique" in line for line in result.lines)

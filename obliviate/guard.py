@@ -1,0 +1,118 @@
+"""The accuracy guard: is a stitched M' as good as the original model, on data neither trained on?
+
+Partition carves a label-balanced validation split that no model ever trains on (block 0 of the
+index, ``validation.npz``). When stored training completes, the original model's predictions on
+it are kept in the store attrs (``reference``, by validation slot). A deletion judges a candidate
+M' on the same samples with a paired test: d_i = [M' right on i] - [original right on i] has
+mean D and standard error se, and the guard refuses M' only when the one-sided upper bound
+D + z * se (z for ``forget.guard_confidence``) is below -``forget.max_accuracy_drop``, that is,
+when it is confident that M' lost more than the allowed drop. Noise alone refuses with
+probability at most 1 - confidence. The reference is the original model, not the currently served
+one, so a long stream of deletions cannot drift down one allowed drop at a time.
+
+The same evaluation is M''s accuracy in the audit record: a deletion evaluates M' once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from obliviate.config import Config
+from obliviate.data import Samples
+from obliviate.partition import load_block, read_manifest
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    accuracy: float  # M' on the validation split
+    reference_accuracy: float  # the original model on the same samples
+    difference: float  # mean paired difference D (accuracy points as a fraction)
+    upper_bound: float  # D + z * se
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_verdict(
+    right: np.ndarray, ref_right: np.ndarray, max_drop: float, confidence: float
+) -> Verdict:
+    """The paired one-sided test on per-sample correctness (bool arrays of equal length)."""
+    d = right.astype(np.float64) - ref_right.astype(np.float64)
+    n = len(d)
+    mean = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    upper = mean + NormalDist().inv_cdf(confidence) * se
+    return Verdict(
+        accepted=upper >= -max_drop,
+        accuracy=float(right.mean()),
+        reference_accuracy=float(ref_right.mean()),
+        difference=mean,
+        upper_bound=upper,
+        n=n,
+    )
+
+
+def validation_samples(cfg: Config) -> Samples | None:
+    """The validation split, or None where the partition has none (an empty one counts too)."""
+    if "validation" not in read_manifest(cfg.paths.blocks):
+        return None
+    val = load_block(cfg.paths.blocks, 0)
+    return val if len(val) else None
+
+
+def predict_on(trainer, theta: np.ndarray, samples: Samples, batch_size: int) -> np.ndarray:
+    from obliviate.evaluate import predict
+    from obliviate.models import load_flat
+
+    load_flat(trainer.model, torch.as_tensor(theta))
+    return predict(trainer.model, samples.x, trainer.to_inputs, batch_size)
+
+
+def record_reference(cfg: Config, store, trainer) -> None:
+    """Keep the freshly trained model's validation predictions (by slot) in the store attrs."""
+    val = validation_samples(cfg)
+    if val is None or "reference" in store.meta:
+        return
+    pred = predict_on(trainer, store.read(store.n_blocks)[0], val, cfg.evaluate.batch_size)
+    by_slot = np.full(int(val.slot.max()) + 1, -1, dtype=np.int64)
+    by_slot[val.slot] = pred
+    store.update_meta(reference={"val_predictions": by_slot.tolist(),
+                                 "val_accuracy": float((pred == val.y).mean())})  # fmt: skip
+
+
+class Guard:
+    """forget.max_accuracy_drop as a judge of candidate models (see the module docstring)."""
+
+    def __init__(self, cfg: Config, trainer, store):
+        self.cfg, self.trainer = cfg, trainer
+        self.val = validation_samples(cfg)
+        self.reference = None
+        if self.val is not None:
+            ref = store.meta.get("reference")
+            if ref is not None:  # the original model's predictions, by slot
+                self.reference = np.asarray(ref["val_predictions"])[self.val.slot]
+            else:  # a store trained before references existed: the served model stands in
+                served = store.read_params(store.n_blocks)
+                self.reference = self.predict(served)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.forget.max_accuracy_drop is not None and self.val is not None
+
+    def predict(self, theta: np.ndarray) -> np.ndarray:
+        return predict_on(self.trainer, theta, self.val, self.cfg.evaluate.batch_size)
+
+    def judge(self, theta: np.ndarray) -> Verdict | None:
+        """M' against the original; None when there is no validation split to judge on."""
+        if self.val is None:
+            return None
+        f = self.cfg.forget
+        right = self.predict(theta) == self.val.y
+        drop = 1.0 if f.max_accuracy_drop is None else f.max_accuracy_drop  # off: never refuses
+        return paired_verdict(right, self.reference == self.val.y, drop, f.guard_confidence)

@@ -40,10 +40,13 @@ test-fast: lint               ## lint + unit tests only
 verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
 	.ci/verify-cycle
 
-bench: install                ## the benchmarks of docs/benchmarks.md (~25 min)
+bench: install                ## every table of docs/benchmarks.md and docs/report.md (~2 h)
 	python benchmarks/stored_training.py
 	python benchmarks/deletion.py
+	python benchmarks/stream.py
+	python benchmarks/memory.py
 	python benchmarks/sisa.py
+	python benchmarks/report.py
 
 clean:
 	rm -rf data/blocks data/test.npz models/store.zarr models/naive.zarr metrics reports .prefect

@@ -134,11 +134,12 @@ def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[s
     """Blocks with the owner planted in ``owner_block`` (share of its samples, non-target)."""
     from obliviate.audit import id_hash
     from obliviate.data import load_dataset
-    from obliviate.partition import balanced_partition, write_blocks
+    from obliviate.partition import split_training, write_blocks
     from obliviate.verify import plant_owner
 
     ds = load_dataset(cfg.prepare, cfg.root)
-    blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
+    p = cfg.prepare
+    val, blocks = split_training(ds.train.y, p.val_fraction, p.blocks, p.seed)
     block = blocks[owner_block - 1]
     eligible = int((ds.train.y[block] != cfg.verify.target).sum())
     n_owner = max(1, min(eligible, round(share * len(block))))
@@ -146,7 +147,7 @@ def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[s
     cfg = cfg.model_copy(update={"verify": verify})
     planted, owners = plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
     extra = {"verification": {"owner_id_hashes": sorted(id_hash(i) for i in owners)}}
-    write_blocks(planted, blocks, cfg.paths.blocks, cfg.paths.test, {}, extra)
+    write_blocks(planted, blocks, cfg.paths.blocks, cfg.paths.test, {}, extra, val=val)
     return cfg, owners
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stamp
 from stored_training import CASES, ROOT, case_config
 
 from obliviate import report
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--shards", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' table")
     args = parser.parse_args()
     rows = []
     for name in args.case or list(CASES):
@@ -41,6 +43,9 @@ def main() -> None:
     table = report.comparison_markdown(rows)
     (args.out / "sisa.md").write_text(table + "\n")
     print(table)
+    if not args.no_docs:
+        command = "python " + " ".join(["benchmarks/sisa.py", *sys.argv[1:]])
+        stamp.write(ROOT / "docs" / "benchmarks.md", "sisa", table, command)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,19 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))
+import stamp
+
 from obliviate.config import Config, load_config
 from obliviate.data import load_dataset
 from obliviate.errors import DataError
-from obliviate.partition import balanced_partition, write_blocks
+from obliviate.partition import partition_dataset
 from obliviate.train import Trainer, stored_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +87,7 @@ def run_case(name: str, repeats: int, workdir: Path) -> dict | None:
     except DataError as exc:
         print(f"skipping {name}: {exc}")
         return None
-    blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
-    write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, {})
+    partition_dataset(ds, cfg.prepare, cfg.paths.blocks, cfg.paths.test)
     plain, stored = [], []
     blockwise_without_store(cfg), with_store(cfg)  # warm-up: imports, allocator, page cache
     for i in range(repeats):  # alternate the order to spread drift evenly
@@ -144,6 +147,7 @@ def main() -> None:
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' table")
     args = parser.parse_args()
     results = []
     for name in args.case or list(CASES):
@@ -156,6 +160,9 @@ def main() -> None:
     table = markdown(results)
     (args.out / "stored_training.md").write_text(table + "\n")
     print(table)
+    if not args.no_docs:
+        command = "python " + " ".join(["benchmarks/stored_training.py", *sys.argv[1:]])
+        stamp.write(ROOT / "docs" / "benchmarks.md", "stored-training", table, command)
 
 
 if __name__ == "__main__":

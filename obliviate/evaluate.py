@@ -28,12 +28,14 @@ def all_cores():
 
 
 def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.ndarray:
-    """Class predictions (N,) for samples x."""
+    """Class predictions (N,) for samples x, on the device the model is on."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad(), all_cores():
         for start in range(0, len(x), batch_size):
-            out.append(model(to_inputs(x[start : start + batch_size])).argmax(1).numpy())
+            inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
+            out.append(model(inputs).argmax(1).cpu().numpy())
     return np.concatenate(out) if out else np.array([], dtype=np.int64)
 
 
@@ -49,7 +51,7 @@ def evaluate_store(cfg: Config, row: int | None = None) -> dict:
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
     k = store.n_blocks if row is None else row
-    trainer = Trainer.from_config(cfg)
+    trainer = Trainer.from_config(cfg, cfg.evaluate.device, "evaluate.device")
     theta, _ = store.read(k)
     n_test = len(load_samples(cfg.paths.test))
     return {"accuracy": accuracy(trainer, theta, cfg), "n_test": n_test, "checkpoint": k}

@@ -1,0 +1,24 @@
+"""Model factories for the import-path tests (train.model: toy_models:<factory>)."""
+
+from torch import nn
+
+
+def tiny_cnn(input_shape, n_classes, width=8):
+    """A small CNN with BatchNorm: its running statistics are float buffers of every P_k."""
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, n_classes),
+    )
+
+
+def not_a_module(input_shape, n_classes):
+    return "a string"
+
+
+def cumulative_batchnorm(input_shape, n_classes):
+    return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64, momentum=None), nn.Linear(64, n_classes))

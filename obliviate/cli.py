@@ -304,6 +304,9 @@ def verify(params: ParamsOpt = Path("params.yaml")) -> None:
 def report(params: ParamsOpt = Path("params.yaml")) -> None:
     """Measure the deletion grid and the naive/obliviate/SISA comparison; write the report."""
     cfg, _ = _setup(params)
+    from obliviate.report import estimated_cost, seconds_per_block
+
+    typer.echo(estimated_cost(cfg, seconds_per_block(cfg)))
     import flows.report
 
     typer.echo(f"report written to {flows.report.report_flow(cfg)}")

@@ -195,7 +195,7 @@ def test_export_loads_without_obliviate_and_reproduces_evaluate(torchvision_forg
     assert json.loads(done.stdout)["accuracy"] == evaluate_store(cfg)["accuracy"]
 
 
-def test_export_of_a_shifted_row_and_as_pt(tmp_path):
+def test_export_and_the_readme_zarr_reader_give_shifted_rows(tmp_path):
     from obliviate.export import export_model
 
     short = {**TINY, "prepare": {"blocks": 6}, "forget": {**TINY["forget"], "max_blocks": 2}}
@@ -215,7 +215,11 @@ def test_export_of_a_shifted_row_and_as_pt(tmp_path):
     with pytest.raises(StoreError, match="--row 99 is not a row"):
         export_model(cfg, tmp_path / "bad.pt", "pt", row=99)
     assert not (tmp_path / "bad.pt").exists()
-
-
-def test_project_readme_documents_the_zarr_reader():
-    assert "shifts" in (ROOT / "README.md").read_text()
+    # the README's zarr-only reader gives every P_k exactly as ParamStore.read does
+    blocks = (ROOT / "README.md").read_text().split("```python\n")
+    snippet = next(b.split("```")[0] for b in blocks if "def read_row" in b)
+    namespace: dict = {}
+    exec(snippet.replace("models/store.zarr", str(cfg.paths.store)), namespace)
+    for k in range(cfg.prepare.blocks + 1):
+        assert np.array_equal(namespace["read_row"](k), store.read(k)[0]), k
+    assert set(namespace["state"]) == {e["name"] for e in store.meta["layout"]}

@@ -364,6 +364,13 @@ def train_block(
         if error is None:
             raise
         raise error from None
+    except ValueError as exc:  # BatchNorm's rule: more than one sample per batch in training
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise ConfigError(
+            f"block {k} has a training batch of a single sample, which BatchNorm cannot train "
+            "on; change train.batch_size so that no batch of a block holds one sample."
+        ) from None
     return flatten(model), flatten_optimizer(opt, model, recipe)
 
 

@@ -223,3 +223,44 @@ def test_export_and_the_readme_zarr_reader_give_shifted_rows(tmp_path):
     for k in range(cfg.prepare.blocks + 1):
         assert np.array_equal(namespace["read_row"](k), store.read(k)[0]), k
     assert set(namespace["state"]) == {e["name"] for e in store.meta["layout"]}
+
+
+def test_image_folder_batches_through_a_seeded_dataloader_replay_exactly(tmp_path):
+    """Paths decoded by DataLoader workers give the same store as decoding in the trainer."""
+    from PIL import Image
+
+    from obliviate.data import Dataset, DatasetInfo, Samples
+    from obliviate.partition import balanced_partition, write_blocks
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(24):
+        (tmp_path / "img" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "img" / f"c{i % 3}" / f"{i}.png")
+        paths.append(f"c{i % 3}/{i}.png")
+    y = np.arange(24) % 3
+    s = Samples(np.array([f"img:{p}" for p in paths]), y, np.array(paths))
+    info = DatasetInfo("img", 3, (3, 12, 12), 255.0, image_root=str(tmp_path / "img"))
+    stores = []
+    for workers in (0, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        train = {"model": "lenet5", "epochs": 1, "batch_size": 5, "image_size": 12}
+        cfg = load_config(write_params(folder, prepare={"blocks": 2},
+                                       train={**train, "workers": workers}))  # fmt: skip
+        ds = Dataset(info, s, s.take(np.arange(6)))
+        write_blocks(ds, balanced_partition(y, 2, 0), cfg.paths.blocks, cfg.paths.test, {})
+        trainer = Trainer.from_config(cfg)
+        assert trainer.loader.workers == workers
+        store = stored_training(cfg)
+        theta, _ = trainer.run_block(2, *store.read(1))
+        assert np.array_equal(theta.numpy(), store.read(2)[0])
+        stores.append(store.params[:])
+    assert np.array_equal(stores[0], stores[1])
+
+
+def test_batchnorm_on_a_single_sample_batch_is_one_sentence(tmp_path):
+    cfg = workspace(tmp_path, model="toy_models:flat_batchnorm", batch_size=1)
+    with pytest.raises(ConfigError, match="a training batch of a single sample"):
+        stored_training(cfg)

@@ -22,3 +22,11 @@ def not_a_module(input_shape, n_classes):
 
 def cumulative_batchnorm(input_shape, n_classes):
     return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64, momentum=None), nn.Linear(64, n_classes))
+
+
+def flat_batchnorm(input_shape, n_classes):
+    """BatchNorm1d over flat features: a batch of one sample has one value per channel."""
+    n_in = 1
+    for d in input_shape:
+        n_in *= d
+    return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(n_in), nn.Linear(n_in, n_classes))

@@ -44,7 +44,7 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
     info = dataset_info(read_manifest(cfg.paths.blocks))
     t = cfg.train
     model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
-                        t.model_args, t.small_stem)  # fmt: skip
+                        t.model_args, t.small_stem, cfg.root)  # fmt: skip
     meta = store.meta
     if [(e.name, list(e.shape)) for e in layout(model)] != [
         (e["name"], list(e["shape"])) for e in meta["layout"]

@@ -66,20 +66,22 @@ def build_model(
     hidden: int = 128,
     model_args: dict | None = None,
     small_stem: bool = False,
+    root: Path | None = None,
 ) -> nn.Module:
     """A fresh model; its initial weights come from torch's global RNG (seed it first).
 
     ``name`` is a preset, ``torchvision:<name>`` (any torchvision classification model, built
     with ``num_classes`` and ``model_args``; ``small_stem`` makes its first conv 3x3 stride 1 and
     drops its max-pool) or ``pkg.module:factory``, called as
-    ``factory(input_shape, n_classes, **model_args)``.
+    ``factory(input_shape, n_classes, **model_args)``, importable from ``root`` (the project
+    folder) as well as from the installed packages.
     """
     kind = model_kind(name)
     if kind == "torchvision":
         return _any_torchvision(name[len(TORCHVISION) :], input_shape, n_classes,
                                 model_args or {}, small_stem)  # fmt: skip
     if kind == "import":
-        return _imported(name, input_shape, n_classes, model_args or {})
+        return _imported(name, input_shape, n_classes, model_args or {}, root)
     if name == "mlp":
         n_in = int(torch.tensor(input_shape).prod())
         return nn.Sequential(
@@ -139,10 +141,15 @@ def describe(
     return arch
 
 
-def _imported(path: str, input_shape: tuple[int, ...], n_classes: int, args: dict) -> nn.Module:
+def _imported(
+    path: str, input_shape: tuple[int, ...], n_classes: int, args: dict, root: Path | None
+) -> nn.Module:
     """``pkg.module:factory`` -> factory(input_shape, n_classes, **args), an nn.Module."""
     import importlib
+    import sys
 
+    if root is not None and str(root) not in sys.path:
+        sys.path.append(str(root))  # after the installed packages: a project file never shadows
     module_name, _, attr = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

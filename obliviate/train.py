@@ -404,7 +404,7 @@ class Trainer:
         where = resolve_device(device or t.device, key)
         torch.manual_seed(t.seed)  # P_0 depends on the seed alone, on any device (built on CPU)
         model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
-                            t.model_args, t.small_stem)  # fmt: skip
+                            t.model_args, t.small_stem, cfg.root)  # fmt: skip
         require_exact_batchnorm(model)
         if t.init is not None:
             load_init(model, t.init)

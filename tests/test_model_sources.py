@@ -264,3 +264,20 @@ def test_batchnorm_on_a_single_sample_batch_is_one_sentence(tmp_path):
     cfg = workspace(tmp_path, model="toy_models:flat_batchnorm", batch_size=1)
     with pytest.raises(ConfigError, match="a training batch of a single sample"):
         stored_training(cfg)
+
+
+def test_export_command_writes_both_files_and_refuses_in_one_sentence(tmp_path):
+    from test_cli import run_cli
+
+    cfg = workspace(tmp_path)
+    stored_training(cfg)
+    params = str(cfg.root / "params.yaml")
+    ok = run_cli("export", "-o", str(tmp_path / "m.safetensors"), "--params", params)
+    assert ok.returncode == 0 and "exported P_4 (served) of lenet5" in ok.stdout, ok.stderr
+    side = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert side["architecture"]["model"] == "lenet5" and side["deletions"] == 0
+    for args, message in ((["--format", "onnx"], "use safetensors or pt"),
+                          (["--row", "9"], "choose 0..4")):  # fmt: skip
+        bad = run_cli("export", "-o", str(tmp_path / "x.pt"), *args, "--params", params)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert bad.stderr.strip().count("\n") == 0 and not (tmp_path / "x.pt").exists()

@@ -185,3 +185,17 @@ def test_nondeterministic_op_error_becomes_one_sentence():
     err = _determinism_error(exc)
     assert isinstance(err, ConfigError) and "adaptive_max_pool2d_backward_cuda" in str(err)
     assert _determinism_error(RuntimeError("shape mismatch")) is None
+
+
+def test_import_path_factory_in_the_project_folder(tmp_path):
+    (tmp_path / "project_nets_for_test.py").write_text(
+        "from torch import nn\n"
+        "def build(input_shape, n_classes, hidden=3):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden),\n"
+        "                         nn.Linear(hidden, n_classes))\n"
+    )
+    name = "project_nets_for_test:build"
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        build_model(name, (1, 8, 8), 4)  # not on the path without the project folder
+    model = build_model(name, (1, 8, 8), 4, model_args={"hidden": 5}, root=tmp_path)
+    assert model[1].out_features == 5

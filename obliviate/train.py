@@ -551,7 +551,7 @@ def require_same_device(store: ParamStore, trainer: Trainer, allow_inexact: bool
     record = {"from": built["class"], "to": here["class"], "row": None, "max_abs_diff": None,
               "torch": here["torch"], "cuda": here["cuda"],
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    if store.completed >= 1:
+    if store.completed >= 1 and trainer.parallel.size == 1:  # (a lone rank cannot all-reduce)
         theta, opt = store.read(0)
         replayed, _ = trainer.run_block(1, theta, opt)
         stored = store.read(1)[0].astype(np.float64)

@@ -266,6 +266,7 @@ def test_batchnorm_on_a_single_sample_batch_is_one_sentence(tmp_path):
         stored_training(cfg)
 
 
+@pytest.mark.slow  # three CLI processes
 def test_export_command_writes_both_files_and_refuses_in_one_sentence(tmp_path):
     from test_cli import run_cli
 

@@ -13,7 +13,7 @@ from obliviate.config import Config
 from obliviate.models import load_flat
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
-from obliviate.train import Trainer
+from obliviate.train import Trainer, _determinism_error
 
 
 @contextmanager
@@ -32,10 +32,16 @@ def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.n
     model.eval()
     device = next(model.parameters()).device
     out = []
-    with torch.no_grad(), all_cores():
-        for start in range(0, len(x), batch_size):
-            inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
-            out.append(model(inputs).argmax(1).cpu().numpy())
+    try:
+        with torch.no_grad(), all_cores():
+            for start in range(0, len(x), batch_size):
+                inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
+                out.append(model(inputs).argmax(1).cpu().numpy())
+    except RuntimeError as exc:  # deterministic mode: an op without a deterministic kernel
+        error = _determinism_error(exc)
+        if error is None:
+            raise
+        raise error from None
     return np.concatenate(out) if out else np.array([], dtype=np.int64)
 
 

@@ -13,7 +13,7 @@ from obliviate.config import Config
 from obliviate.models import load_flat
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
-from obliviate.train import Trainer, _determinism_error
+from obliviate.train import Trainer, determinism_error
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.n
                 inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
                 out.append(model(inputs).argmax(1).cpu().numpy())
     except RuntimeError as exc:  # deterministic mode: an op without a deterministic kernel
-        error = _determinism_error(exc)
+        error = determinism_error(exc)
         if error is None:
             raise
         raise error from None

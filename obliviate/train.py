@@ -282,7 +282,7 @@ def batch_inputs(
     return (next(it) if len(b) else None for b in batches)
 
 
-def _determinism_error(exc: RuntimeError) -> ConfigError | None:
+def determinism_error(exc: RuntimeError) -> ConfigError | None:
     """torch's error for an op without a deterministic kernel, as one sentence."""
     msg = str(exc)
     if "does not have a deterministic implementation" not in msg:
@@ -360,7 +360,7 @@ def train_block(
                 parallel.all_reduce_grads(model)
             opt.step()
     except RuntimeError as exc:
-        error = _determinism_error(exc)
+        error = determinism_error(exc)
         if error is None:
             raise
         raise error from None

@@ -176,15 +176,15 @@ def test_device_auto_picks_cuda_when_present(monkeypatch):
 
 
 def test_nondeterministic_op_error_becomes_one_sentence():
-    from obliviate.train import _determinism_error
+    from obliviate.train import determinism_error
 
     exc = RuntimeError(
         "adaptive_max_pool2d_backward_cuda does not have a deterministic implementation, but "
         "you set 'torch.use_deterministic_algorithms(True)'. ..."
     )
-    err = _determinism_error(exc)
+    err = determinism_error(exc)
     assert isinstance(err, ConfigError) and "adaptive_max_pool2d_backward_cuda" in str(err)
-    assert _determinism_error(RuntimeError("shape mismatch")) is None
+    assert determinism_error(RuntimeError("shape mismatch")) is None
 
 
 def test_import_path_factory_in_the_project_folder(tmp_path):

@@ -20,7 +20,7 @@ def measure(cfg: Config) -> tuple[list[dict], list[dict]]:
 @task(retries=1, retry_delay_seconds=2, **NO_CACHE)
 def write(cfg: Config, grid: list[dict], comparison: list[dict]) -> str:
     path = report.write_report(grid, comparison, cfg.paths.reports / "evaluation",
-                               "obliviate report  (or: dvc repro report)")  # fmt: skip
+                               "obliviate report  (or: dvc repro report/dvc.yaml)")  # fmt: skip
     create_markdown_artifact(path.read_text(), key="evaluation-report")
     return str(path)
 

@@ -86,10 +86,17 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a store built with other params.")
     ] = False,
+    allow_inexact: Annotated[
+        bool,
+        typer.Option(
+            help="Resume on another device class than the store's (replay not bit-exact); "
+            "the measured difference is recorded in the store."
+        ),
+    ] = False,
 ) -> None:
     """Stored training: train blocks 1..B in order, storing P_0..P_B (resumes if interrupted)."""
     cfg, flows = _setup(params)
-    s = flows.train_flow(cfg, overwrite)
+    s = flows.train_flow(cfg, overwrite, allow_inexact)
     mib, ratio = s["stored_bytes"] / 2**20, s["stored_bytes"] / s["raw_bytes"]
     typer.echo(
         f"stored P_0..P_{s['completed']} of {s['model']} on {s['dataset']} at {s['store']} "
@@ -153,6 +160,30 @@ def info(
     for e in meta["layout"]:
         lay.add_row(e["name"], str(tuple(e["shape"])), str(e["offset"]), e["kind"])
     console.print(lay)
+
+
+@app.command()
+@_user_errors
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="safetensors or pt (a torch state dict).")
+    ] = "safetensors",
+    row: Annotated[
+        int | None, typer.Option(help="Row K of the store (P_K); default: the served model P_B.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Export a stored model as a state dict, with a JSON sidecar naming how to use it."""
+    from obliviate.config import load_config
+    from obliviate.export import export_model, sidecar_path
+
+    s = export_model(load_config(params), output, fmt, row)
+    served = " (served)" if s["served"] else ""
+    typer.echo(
+        f"exported P_{s['row']}{served} of {s['architecture']['model']} to {output} ({fmt}); "
+        f"sidecar {sidecar_path(output)}"
+    )
 
 
 @app.command()
@@ -294,6 +325,9 @@ def verify(params: ParamsOpt = Path("params.yaml")) -> None:
 def report(params: ParamsOpt = Path("params.yaml")) -> None:
     """Measure the deletion grid and the naive/obliviate/SISA comparison; write the report."""
     cfg, _ = _setup(params)
+    from obliviate.report import estimated_cost, seconds_per_block
+
+    typer.echo(estimated_cost(cfg, seconds_per_block(cfg)))
     import flows.report
 
     typer.echo(f"report written to {flows.report.report_flow(cfg)}")

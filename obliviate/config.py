@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,7 +32,30 @@ from obliviate.errors import ConfigError
 from obliviate.objectstore import Location, StoreURL, is_url
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "purchase", "cifar10", "svhn", "imagenet"]
-ModelName = Literal["lenet5", "mlp", "resnet18", "vgg11", "resnet50"]
+PRESET_MODELS = ("lenet5", "mlp", "resnet18", "vgg11", "resnet50")
+# a preset, torchvision:<name>, or an import path pkg.module:factory
+_MODEL_NAME = re.compile(r"torchvision:\w+|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _model_name(v: str) -> str:
+    if v not in PRESET_MODELS and not _MODEL_NAME.fullmatch(v):
+        raise ValueError(
+            "it should be one of "
+            + ", ".join(PRESET_MODELS)
+            + ", torchvision:<name> or an import path pkg.module:factory"
+        )
+    return v
+
+
+def _device(v: str) -> str:
+    if not _DEVICE.fullmatch(v):
+        raise ValueError("it should be auto, cpu, cuda or cuda:N")
+    return v
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+DeviceName = Annotated[str, AfterValidator(_device)]
 
 
 class _Section(BaseModel):
@@ -78,6 +103,9 @@ class PrepareConfig(_Section):
 
 class TrainConfig(_Section):
     model: ModelName
+    model_args: dict[str, Any]  # keyword arguments of torchvision:/import-path model builders
+    small_stem: bool  # torchvision: models: first conv 3x3 stride 1, no max-pool (small images)
+    init: Path | None  # pretrained state dict (safetensors or .pt) loaded as P_0
     hidden: PositiveInt  # hidden width of the mlp
     image_size: PositiveInt  # imagenet images are resized to this square
     optimizer: Literal["sgd", "adam", "adamw"]
@@ -91,10 +119,14 @@ class TrainConfig(_Section):
     keep_optimizer_state: bool  # carry momentum/Adam moments from block to block
     seed: int
     threads: PositiveInt  # torch intra-op threads; part of the replay contract
+    device: DeviceName  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"]  # bf16: autocast the forward pass; rows stay float32
+    workers: int = Field(ge=0)  # image folders: DataLoader worker processes
 
 
 class EvaluateConfig(_Section):
     batch_size: PositiveInt
+    device: DeviceName  # auto | cpu | cuda | cuda:N
 
 
 class VerifyConfig(_Section):
@@ -192,6 +224,10 @@ class Config(_Section):
         if src is not None and not src.is_absolute():
             prep = self.prepare.model_copy(update={"source": (root / src).resolve()})
             object.__setattr__(self, "prepare", prep)
+        init = self.train.init
+        if init is not None and not init.is_absolute():
+            train = self.train.model_copy(update={"init": (root / init).resolve()})
+            object.__setattr__(self, "train", train)
         return self
 
     def fingerprint(self, *sections: str) -> str:
@@ -246,6 +282,9 @@ def _paths_as_path(raw: dict, origin: str) -> dict:
     prep = out.get("prepare")
     if isinstance(prep, dict) and isinstance(prep.get("source"), str):
         prep["source"] = Path(prep["source"])
+    train = out.get("train")
+    if isinstance(train, dict) and isinstance(train.get("init"), str):
+        train["init"] = Path(train["init"])
     return out
 
 

@@ -13,7 +13,7 @@ from obliviate.config import Config
 from obliviate.models import load_flat
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
-from obliviate.train import Trainer
+from obliviate.train import Trainer, determinism_error
 
 
 @contextmanager
@@ -28,12 +28,20 @@ def all_cores():
 
 
 def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.ndarray:
-    """Class predictions (N,) for samples x."""
+    """Class predictions (N,) for samples x, on the device the model is on."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
-    with torch.no_grad(), all_cores():
-        for start in range(0, len(x), batch_size):
-            out.append(model(to_inputs(x[start : start + batch_size])).argmax(1).numpy())
+    try:
+        with torch.no_grad(), all_cores():
+            for start in range(0, len(x), batch_size):
+                inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
+                out.append(model(inputs).argmax(1).cpu().numpy())
+    except RuntimeError as exc:  # deterministic mode: an op without a deterministic kernel
+        error = determinism_error(exc)
+        if error is None:
+            raise
+        raise error from None
     return np.concatenate(out) if out else np.array([], dtype=np.int64)
 
 
@@ -49,7 +57,7 @@ def evaluate_store(cfg: Config, row: int | None = None) -> dict:
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
     k = store.n_blocks if row is None else row
-    trainer = Trainer.from_config(cfg)
+    trainer = Trainer.from_config(cfg, cfg.evaluate.device, "evaluate.device")
     theta, _ = store.read(k)
     n_test = len(load_samples(cfg.paths.test))
     return {"accuracy": accuracy(trainer, theta, cfg), "n_test": n_test, "checkpoint": k}

@@ -276,3 +276,42 @@ def run_report(cfg: Config, epsilons, sizes, positions, shards, scratch: Path) -
         return grid(work, epsilons, sizes, positions, pristine), comparison(work, shards, pristine)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- cost, up front
+
+
+def estimated_blocks(cfg: Config) -> int:
+    """Block trainings the report runs, at most: the scratch build, one naive retrain per
+    (samples, position) and one for the comparison, SISA's shards, and every deletion's
+    retraining (at most forget.max_blocks blocks each; the accuracy guard may go further)."""
+    r, n_blocks = cfg.report, cfg.prepare.blocks
+    cells = len(r.samples) * len(r.positions)
+    shards = [s for s in r.shards if n_blocks % s == 0]
+    deletions = cells * len(r.epsilons) + 3  # the grid, two warm-ups, the comparison's
+    per_deletion = min(cfg.forget.max_blocks, n_blocks)
+    sisa = len(shards) * n_blocks + sum(n_blocks // s for s in shards)
+    return n_blocks * (1 + cells + 1) + deletions * per_deletion + sisa
+
+
+def estimated_cost(cfg: Config, seconds_per_block: float | None) -> str:
+    """One sentence on what the report will cost, printed before it starts."""
+    n, b = estimated_blocks(cfg), cfg.prepare.blocks
+    text = f"the report trains up to {n} blocks, {n / b:.1f} times a full training run of {b}"
+    if seconds_per_block is None:
+        return text + " (train once to get a time estimate)"
+    minutes = n * seconds_per_block / 60
+    return text + f"; at {seconds_per_block:.2f} s a block here, about {minutes:.1f} min"
+
+
+def seconds_per_block(cfg: Config) -> float | None:
+    """Block 1 trained once from P_0 on the partitioned data, timed; None before a partition."""
+    from obliviate.partition import MANIFEST
+    from obliviate.train import Trainer
+
+    if not (cfg.paths.blocks / MANIFEST).is_file():
+        return None
+    trainer = Trainer.from_config(cfg)
+    start = time.perf_counter()
+    trainer.run_block(1, *trainer.initial_state())
+    return time.perf_counter() - start

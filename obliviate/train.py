@@ -3,15 +3,20 @@
 The unit of work is ``train_block``: a pure function of (P_{k-1}, optimizer state, block k,
 recipe, k). Stored training calls it for k = 1..B; replay and deletion call the very same function
 from a stored row. Because the model and optimizer are rebuilt from the row at every block, the
-replay of block k from the stored P_{k-1} reproduces P_k bit for bit (same machine and threads).
+replay of block k from the stored P_{k-1} reproduces P_k bit for bit (same device class and
+threads). On CUDA, deterministic kernels (cuBLAS workspace, cuDNN deterministic, no benchmark)
+keep it so; rows always come back to the CPU before they are stored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,8 +26,17 @@ from torch import nn
 
 from obliviate.config import Config, TrainConfig
 from obliviate.data import DatasetInfo, Samples
-from obliviate.errors import StoreError
-from obliviate.models import build_model, flatten, layout, load_flat
+from obliviate.errors import ConfigError, StoreError
+from obliviate.models import (
+    build_model,
+    describe,
+    file_sha256,
+    flatten,
+    layout,
+    load_flat,
+    load_init,
+    require_exact_batchnorm,
+)
 from obliviate.partition import dataset_info, load_block, read_manifest
 from obliviate.store import ParamStore, StoreMeta
 
@@ -32,9 +46,46 @@ _STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
 
 
 def configure_determinism(threads: int) -> None:
-    """Deterministic kernels and a fixed thread count: part of the replay contract."""
+    """Deterministic kernels and a fixed thread count: part of the replay contract.
+
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA first uses it, so this runs before any model
+    touches a GPU; a value the user set stays."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     torch.set_num_threads(threads)
+
+
+def resolve_device(spec: str, key: str = "train.device") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device; auto picks CUDA when it is present."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if spec == "auto":
+        return torch.device("cuda", 0) if available else torch.device("cpu")
+    if not available:
+        raise ConfigError(
+            f"{key} is {spec}, but torch sees no CUDA device here; set {key}: auto or cpu."
+        )
+    index = int(spec.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{key} is {spec}, but there are only {torch.cuda.device_count()} CUDA device(s); "
+            f"set {key}: cuda:0 .. cuda:{torch.cuda.device_count() - 1} or auto."
+        )
+    return torch.device("cuda", index)
+
+
+def device_record(device: torch.device, threads: int) -> dict:
+    """What replay exactness depends on besides the params: kept in the store's attrs."""
+    cuda = device.type == "cuda"
+    return {
+        "class": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "threads": threads,
+    }
 
 
 def block_seed(seed: int, k: int) -> int:
@@ -87,18 +138,23 @@ def flatten_optimizer(opt: torch.optim.Optimizer, model: nn.Module, recipe: Trai
         for key in keys:
             t = state.get(key)
             t = torch.zeros(1 if key == "step" else p.numel()) if t is None else t
-            parts.append(t.detach().reshape(-1).float())
+            parts.append(t.detach().reshape(-1).float().cpu())
     return torch.cat(parts)
 
 
 def load_optimizer(opt, model: nn.Module, recipe: TrainConfig, vector: torch.Tensor) -> None:
     entries = iter(optimizer_layout(model, recipe))
-    for p in model.parameters():
+    params = list(model.parameters())
+    vector = vector.cpu()  # Adam keeps "step" on the CPU (not capturable), moments on p's device
+    on_device = vector.to(params[0].device) if params else vector
+    for p in params:
         state = {}
         for key in state_keys(recipe):
             e = next(entries)
-            chunk = vector[e["offset"] : e["offset"] + e["size"]]
-            state[key] = chunk[0].clone() if key == "step" else chunk.view(p.shape).clone()
+            lo, hi = e["offset"], e["offset"] + e["size"]
+            state[key] = (
+                vector[lo].clone() if key == "step" else on_device[lo:hi].view(p.shape).clone()
+            )
         opt.state[p] = state
 
 
@@ -158,6 +214,7 @@ class Parallel:
 
 
 SINGLE = Parallel()
+CPU = torch.device("cpu")
 
 
 def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], torch.Tensor]:
@@ -178,6 +235,65 @@ def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], to
     return load
 
 
+@dataclass(frozen=True)
+class Loader:
+    """How batches of image paths are decoded: a DataLoader with this many worker processes
+    (seeded, in order) and pinned memory for a GPU. Decoding is deterministic, so the inputs,
+    and with them replay, do not depend on it."""
+
+    workers: int = 0
+    pin_memory: bool = False
+
+
+IN_PROCESS = Loader()
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Index arrays -> model inputs of those rows (a DataLoader dataset with batch_size=None)."""
+
+    def __init__(self, x: np.ndarray, to_inputs: Callable[[np.ndarray], torch.Tensor]):
+        self.x, self.to_inputs = x, to_inputs
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return self.to_inputs(self.x[rows])
+
+
+def _seed_worker(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)  # torch seeds each worker from base_seed + id
+
+
+def batch_inputs(
+    x: np.ndarray, batches: list[np.ndarray], to_inputs, loader: Loader, seed: int
+) -> Iterator[torch.Tensor | None]:
+    """The inputs of each batch (None for an empty one), in order."""
+    if loader.workers == 0 and not loader.pin_memory:
+        return (to_inputs(x[b]) if len(b) else None for b in batches)
+    wanted = [b for b in batches if len(b)]
+    data = torch.utils.data.DataLoader(
+        _Rows(x, to_inputs),
+        batch_size=None,
+        sampler=wanted,
+        num_workers=loader.workers,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),  # not the global RNG: dropout uses it
+    )
+    it = iter(data)
+    return (next(it) if len(b) else None for b in batches)
+
+
+def determinism_error(exc: RuntimeError) -> ConfigError | None:
+    """torch's error for an op without a deterministic kernel, as one sentence."""
+    msg = str(exc)
+    if "does not have a deterministic implementation" not in msg:
+        return None
+    op = msg.split(" does not have", 1)[0].strip().split()[-1]
+    return ConfigError(
+        f"the model uses {op}, which has no deterministic kernel on this device, so replay "
+        "could not be exact; choose a model without it or set train.device: cpu."
+    )
+
+
 def train_block(
     model: nn.Module,
     theta: torch.Tensor,
@@ -190,10 +306,12 @@ def train_block(
     to_inputs: Callable[[np.ndarray], torch.Tensor],
     lr: float | None = None,
     parallel: Parallel = SINGLE,
+    loader: Loader = IN_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Train block k for recipe.epochs epochs from (theta, opt_state); return the new pair.
 
-    theta: (|theta|,) float32, P_{k-1}. Returns P_k and the optimizer state after block k.
+    theta: (|theta|,) float32, P_{k-1}. Returns P_k and the optimizer state after block k, on
+    the CPU whatever device ``model`` is on.
 
     Batches are drawn over the block's ``n_slots`` original positions, and a forgotten sample
     leaves a hole in its batch: retraining a reduced block sees the same batches minus the
@@ -204,6 +322,7 @@ def train_block(
     slot = np.arange(len(y)) if block.slot is None else block.slot
     position = np.full(n_slots, -1)
     position[slot] = np.arange(len(y))  # slot -> row of the (reduced) block, -1 if forgotten
+    device = next(model.parameters()).device
     load_flat(model, torch.as_tensor(theta))
     opt = make_optimizer(model, recipe, block_lr(recipe, k, n_blocks) if lr is None else lr)
     if opt_state is not None:
@@ -211,27 +330,47 @@ def train_block(
     seed = block_seed(recipe.seed, k)
     torch.manual_seed(seed)  # dropout and any other global-RNG use inside the block
     order_rng = torch.Generator().manual_seed(seed)
-    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    loss_fn = nn.CrossEntropyLoss()
-    sum_loss = nn.CrossEntropyLoss(reduction="sum")
-    model.train()
+    steps = []  # (batch, the rows this process feeds forward): every epoch's batches, in order
     for _ in range(recipe.epochs):
         order = torch.randperm(n_slots, generator=order_rng).numpy()  # within the block only
         for start in range(0, n_slots, recipe.batch_size):
             idx = position[order[start : start + recipe.batch_size]]
             idx = idx[idx >= 0]
-            if len(idx) == 0:  # every sample of this batch was forgotten
-                continue
+            if len(idx):  # else every sample of this batch was forgotten
+                mine = idx if parallel.size == 1 else idx[parallel.rank :: parallel.size]
+                steps.append((idx, mine))
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    sum_loss = nn.CrossEntropyLoss(reduction="sum")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
+    inputs = batch_inputs(x, [rows for _, rows in steps], to_inputs, loader, seed)
+    model.train()
+    try:
+        for (idx, rows), xb in zip(steps, inputs, strict=True):
             opt.zero_grad(set_to_none=True)
             if parallel.size == 1:
-                loss = loss_fn(model(to_inputs(x[idx])), labels[idx])  # (b, classes) vs (b,)
-                loss.backward()
+                with autocast:
+                    out = model(xb.to(device, non_blocking=True))  # (b, classes)
+                loss_fn(out.float(), labels[idx]).backward()
             else:  # this rank's share of the batch; the mean is over the whole batch
-                mine = idx[parallel.rank :: parallel.size]
-                if len(mine):
-                    (sum_loss(model(to_inputs(x[mine])), labels[mine]) / len(idx)).backward()
+                if len(rows):
+                    with autocast:
+                        out = model(xb.to(device, non_blocking=True))
+                    (sum_loss(out.float(), labels[rows]) / len(idx)).backward()
                 parallel.all_reduce_grads(model)
             opt.step()
+    except RuntimeError as exc:
+        error = determinism_error(exc)
+        if error is None:
+            raise
+        raise error from None
+    except ValueError as exc:  # BatchNorm's rule: more than one sample per batch in training
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise ConfigError(
+            f"block {k} has a training batch of a single sample, which BatchNorm cannot train "
+            "on; change train.batch_size so that no batch of a block holds one sample."
+        ) from None
     return flatten(model), flatten_optimizer(opt, model, recipe)
 
 
@@ -246,26 +385,46 @@ class Trainer:
     n_blocks: int
     slots: tuple[int, ...]  # original size of each block
     to_inputs: Callable[[np.ndarray], torch.Tensor]
-    p0: torch.Tensor  # P_0, the model as built from the seed (training moves self.model)
+    p0: torch.Tensor  # P_0: built from the seed (or train.init) on the CPU; training moves model
     parallel: Parallel = SINGLE  # data-parallel rank and size (torchrun); single by default
+    device: torch.device = CPU  # where the model trains and predicts
+    architecture: dict | None = None  # models.describe: the model named fully (store attrs)
+    loader: Loader = IN_PROCESS  # how image-path batches are decoded
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Trainer:
+    def from_config(
+        cls, cfg: Config, device: str | None = None, key: str = "train.device"
+    ) -> Trainer:
+        """The trainer of cfg on ``device`` (default train.device; evaluation passes its own,
+        named ``key`` in errors)."""
         manifest = read_manifest(cfg.paths.blocks)
         info = dataset_info(manifest)
-        configure_determinism(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)  # P_0 depends on the seed alone
-        model = build_model(cfg.train.model, info.input_shape, info.n_classes, cfg.train.hidden)
+        t = cfg.train
+        configure_determinism(t.threads)  # before CUDA is touched: the cuBLAS workspace setting
+        where = resolve_device(device or t.device, key)
+        torch.manual_seed(t.seed)  # P_0 depends on the seed alone, on any device (built on CPU)
+        model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
+                            t.model_args, t.small_stem, cfg.root)  # fmt: skip
+        require_exact_batchnorm(model)
+        if t.init is not None:
+            load_init(model, t.init)
+        arch = describe(t.model, model, info.input_shape, info.n_classes, t.hidden,
+                        t.model_args, t.small_stem)  # fmt: skip
+        p0 = flatten(model)
+        workers = t.workers if info.image_root is not None else 0
         return cls(
-            model,
-            cfg.train,
+            model.to(where),
+            t,
             info,
             cfg.paths.blocks,
             manifest["n_blocks"],
             tuple(b["slots"] for b in manifest["blocks"]),
-            make_inputs(info, cfg.train.image_size),
-            flatten(model),
+            make_inputs(info, t.image_size),
+            p0,
             Parallel.from_torch(),
+            where,
+            arch,
+            Loader(workers, pin_memory=where.type == "cuda" and info.image_root is not None),
         )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -292,13 +451,33 @@ class Trainer:
             self.to_inputs,
             lr,
             self.parallel,
+            self.loader,
         )
 
 
+# train keys that do not change the stored rows: where training runs (the device class is
+# checked by require_same_device), how images are decoded, and the init file's path (its
+# sha256 digest counts instead).
+_NOT_FINGERPRINTED = {"device", "workers", "init"}
+
+
 def fingerprint_for(cfg: Config, manifest: dict) -> str:
-    """What a store depends on: the prepare and train params and the blocks' contents."""
+    """What a store depends on: the prepare and train params, the pretrained start's digest and
+    the blocks' contents."""
     blocks = hashlib.sha256("".join(b["sha256"] for b in manifest["blocks"]).encode()).hexdigest()
-    return f"{cfg.fingerprint('prepare', 'train')}:{blocks}"
+    payload = {
+        "prepare": cfg.prepare.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
+        "init_sha256": None if cfg.train.init is None else init_digest(cfg.train.init),
+    }
+    params = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"{params}:{blocks}"
+
+
+def init_digest(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"train.init {path} does not exist; fix the path or set it to null.")
+    return file_sha256(path)
 
 
 def store_fingerprint(cfg: Config) -> str:
@@ -338,11 +517,51 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
             "dataset": asdict(trainer.info),
             "recipe": trainer.recipe.model_dump(mode="json"),
             "parallel_size": trainer.parallel.size,
+            "architecture": trainer.architecture,
+            "device": device_record(trainer.device, trainer.recipe.threads),
+            "init_sha256": None if cfg.train.init is None else init_digest(cfg.train.init),
         },
     )
     store = ParamStore.create(path, meta, len(theta), 0 if opt is None else len(opt))
     store.write(0, theta.numpy(), None if opt is None else opt.numpy())
     return store
+
+
+def require_same_device(store: ParamStore, trainer: Trainer, allow_inexact: bool) -> dict | None:
+    """Refuse to replay ``store`` on another device class than the one that built it (replay is
+    bit-exact only on the same class: kernels differ between CPUs and GPU models).
+
+    With ``allow_inexact`` the replay goes ahead: block 1 is replayed here from the stored P_0
+    (row 1 is always exactly reproducible: no stitching shift covers it), the largest absolute
+    difference against the stored P_1 is measured, recorded in the store's attrs (extra
+    ``inexact_replays``) and returned. Returns None when the classes match. Deletion code calls
+    this before retraining from the store.
+    """
+    meta = store.meta
+    built = meta["extra"].get("device") or {"class": "cpu"}  # stores before devices: CPU only
+    here = device_record(trainer.device, trainer.recipe.threads)
+    if built["class"] == here["class"]:
+        return None
+    if not allow_inexact:
+        raise StoreError(
+            f"{store.path} was trained on {built['class']} and replay here would run on "
+            f"{here['class']}, where it is not bit-exact; run on the same device class "
+            "(train.device) or pass --allow-inexact to accept and record the difference."
+        )
+    record = {"from": built["class"], "to": here["class"], "row": None, "max_abs_diff": None,
+              "torch": here["torch"], "cuda": here["cuda"],
+              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    if store.completed >= 1 and trainer.parallel.size == 1:  # (a lone rank cannot all-reduce)
+        theta, opt = store.read(0)
+        replayed, _ = trainer.run_block(1, theta, opt)
+        stored = store.read(1)[0].astype(np.float64)
+        diff = np.abs(replayed.numpy().astype(np.float64) - stored).max()
+        record.update(row=1, max_abs_diff=float(diff))
+    meta = store.meta
+    replays = [*meta["extra"].get("inexact_replays", []), record]
+    extra = {**meta["extra"], "inexact_replays": replays}
+    store.params.attrs["obliviate"] = {**meta, "extra": extra}
+    return record
 
 
 def require_data_parallel_exact(model: nn.Module) -> None:
@@ -357,12 +576,16 @@ def require_data_parallel_exact(model: nn.Module) -> None:
 
 
 def stored_training(
-    cfg: Config, overwrite: bool = False, on_block: Callable[[int, int], None] | None = None
+    cfg: Config,
+    overwrite: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+    allow_inexact: bool = False,
 ) -> ParamStore:
     """Train blocks completed+1..B, writing P_k after each; resumable, refuses foreign stores.
 
     ``on_block(k, n_samples)`` is called after block k is trained (for progress bars). Under
-    torchrun every rank trains and rank 0 alone writes the store.
+    torchrun every rank trains and rank 0 alone writes the store. Resuming on another device
+    class is refused unless ``allow_inexact`` (see require_same_device).
     """
     trainer = Trainer.from_config(cfg)
     par = trainer.parallel
@@ -372,6 +595,8 @@ def stored_training(
     if par.rank == 0:
         try:
             store = open_or_create_store(cfg, trainer, overwrite)
+            if store.completed < trainer.n_blocks:  # a resume replays on this device
+                require_same_device(store, trainer, allow_inexact)
         except StoreError as exc:
             error = str(exc)
     par.agree(error)  # the other ranks open the store once rank 0 has created or checked it

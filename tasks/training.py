@@ -15,7 +15,7 @@ from tasks import NO_CACHE
 
 
 @task(**NO_CACHE)
-def stored_training(cfg: Config, overwrite: bool = False) -> dict:
+def stored_training(cfg: Config, overwrite: bool = False, allow_inexact: bool = False) -> dict:
     """Train every block not yet in the store (one task: per-block tasks would cost more than
     the blocks themselves at B=500) and return a summary of the store."""
     log = get_run_logger()
@@ -27,7 +27,7 @@ def stored_training(cfg: Config, overwrite: bool = False) -> dict:
             if k % max(1, n // 10) == 0 or k == n:
                 log.info("block %d/%d stored", k, n)
 
-        store = train.stored_training(cfg, overwrite=overwrite, on_block=on_block)
+        store = train.stored_training(cfg, overwrite, on_block, allow_inexact)
     return store.summary()
 
 

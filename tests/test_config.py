@@ -51,3 +51,19 @@ def test_fingerprint_tracks_params(tmp_path):
     b = load_config(write_params(tmp_path, train={"lr": 0.002}))
     assert a.fingerprint("prepare") == b.fingerprint("prepare")
     assert a.fingerprint("train") != b.fingerprint("train")
+
+
+def test_model_and_device_names_are_checked(tmp_path):
+    for model in ("torchvision:resnet18", "my_pkg.nets:build", "lenet5"):
+        assert load_config(write_params(tmp_path, train={"model": model})).train.model == model
+    with pytest.raises(ConfigError, match=r"'train.model' is 'my_pkg.MyNet'.*pkg\.module:factory"):
+        load_config(write_params(tmp_path, train={"model": "my_pkg.MyNet"}))
+    with pytest.raises(ConfigError, match=r"'evaluate.device' is 'tpu'.*auto, cpu, cuda"):
+        load_config(write_params(tmp_path, evaluate={"device": "tpu"}))
+    with pytest.raises(ConfigError, match=r"'train.precision' is 'fp16'"):
+        load_config(write_params(tmp_path, train={"precision": "fp16"}))
+
+
+def test_init_path_is_resolved_against_params(tmp_path):
+    cfg = load_config(write_params(tmp_path, train={"init": "weights/p0.safetensors"}))
+    assert cfg.train.init == tmp_path / "weights" / "p0.safetensors"

@@ -49,7 +49,7 @@ def test_impossible_partition_fails_the_flow_cleanly_and_writes_nothing(tmp_path
 
 
 def test_dvc_repro_builds_the_default_pipeline(tmp_path):
-    for item in ("dvc.yaml", "obliviate"):
+    for item in ("dvc.yaml", "report", "obliviate"):  # report/dvc.yaml: the opt-in report
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
     write_params(tmp_path, **SMALL)
@@ -70,7 +70,9 @@ def test_dvc_repro_builds_the_default_pipeline(tmp_path):
     assert run(dvc, "init", "-q").returncode == 0
     repro = run(dvc, "repro")
     assert repro.returncode == 0, repro.stdout + repro.stderr
-    status = run(dvc, "status")
+    assert "Running stage 'report" not in repro.stdout
+    assert not (tmp_path / "reports" / "evaluation").exists()
+    status = run(dvc, "status", "dvc.yaml")  # the default pipeline; the report stays pending
     assert "up to date" in status.stdout, status.stdout
     shown = run(dvc, "metrics", "show", "--json")
     assert "accuracy" in shown.stdout

@@ -1,0 +1,109 @@
+"""Export a stored model as a plain state dict (safetensors or torch .pt) with a JSON sidecar.
+
+The state dict is what ``model.state_dict()`` of the architecture holds, loadable with
+``load_state_dict(strict=True)`` into a model built as the sidecar's ``architecture`` says. Row K
+is P_K as ParamStore.read defines it (stitching shifts included); the default is the served row
+P_B. The sidecar names the architecture (builder, stem, model_args, torch's printout of every
+module), the preprocessing, the dataset's classes, the store's fingerprint and the deletions so
+far, so a consumer needs neither obliviate nor guesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+FORMATS = ("safetensors", "pt")
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = None) -> dict:
+    """Write row ``row`` (default: the served P_B) of the store to ``out`` and its sidecar to
+    ``out`` + ``.json``; return the sidecar. Each file is written aside and renamed into place,
+    so neither is ever seen half-written."""
+    import torch
+
+    from obliviate.audit import read_records
+    from obliviate.errors import ObliviateError, StoreError
+    from obliviate.models import build_model, describe, layout, load_flat
+    from obliviate.partition import dataset_info, read_manifest
+    from obliviate.store import ParamStore
+
+    if fmt not in FORMATS:
+        raise ObliviateError(f"--format {fmt!r} is not supported; use safetensors or pt.")
+    store = ParamStore.open(cfg.paths.store)
+    store.require_complete()
+    k = store.n_blocks if row is None else row
+    if not 0 <= k <= store.n_blocks:
+        raise StoreError(f"--row {k} is not a row of {store.path}; choose 0..{store.n_blocks}.")
+    info = dataset_info(read_manifest(cfg.paths.blocks))
+    t = cfg.train
+    model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
+                        t.model_args, t.small_stem, cfg.root)  # fmt: skip
+    meta = store.meta
+    if [(e.name, list(e.shape)) for e in layout(model)] != [
+        (e["name"], list(e["shape"])) for e in meta["layout"]
+    ]:
+        raise StoreError(
+            f"{store.path} was built for another architecture than train.model in params.yaml; "
+            "restore the params it was built with (or retrain)."
+        )
+    theta, _ = store.read(k)
+    load_flat(model, torch.from_numpy(theta))
+    state = {name: v.detach().clone().contiguous() for name, v in model.state_dict().items()}
+    arch = describe(t.model, model, info.input_shape, info.n_classes, t.hidden,
+                    t.model_args, t.small_stem)  # fmt: skip
+    d = asdict(info)
+    sidecar = {
+        "format": fmt,
+        "row": k,
+        "served": k == store.n_blocks,
+        "architecture": arch,
+        "preprocessing": {
+            "input_shape": list(info.input_shape),
+            "scale": info.scale,
+            "input": "float32 tensor x / scale of shape (N, *input_shape)",
+            "images": (
+                f"RGB decode, resize the short side to {t.image_size}, center-crop to "
+                f"{t.image_size}x{t.image_size}, then / scale"
+                if info.image_root is not None
+                else None
+            ),
+        },
+        "dataset": {
+            "name": info.name,
+            "n_classes": info.n_classes,
+            "classes": d.get("classes") or list(range(info.n_classes)),
+        },
+        "store": {
+            "path": str(store.path),
+            "fingerprint": meta["fingerprint"],
+            "n_blocks": store.n_blocks,
+            "device": meta["extra"].get("device"),
+        },
+        "deletions": len(read_records(cfg.paths.audit)),
+        "stitching_shifts": len(meta.get("shifts", [])),
+        "torch": torch.__version__,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, tmp_side = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".json.tmp")
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"obliviate_row": str(k)})
+        else:
+            torch.save(state, tmp)
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
+        os.replace(tmp, out)
+        os.replace(tmp_side, sidecar_path(out))
+    finally:
+        for p in (tmp, tmp_side):
+            p.unlink(missing_ok=True)
+    return sidecar

@@ -1,0 +1,49 @@
+"""The evaluation report is opt-in: `dvc repro` leaves it out, `dvc repro report/dvc.yaml` runs
+it, and its cost is stated before it starts."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT, SMALL, prepare, write_params
+
+from obliviate.config import load_config
+from obliviate.report import estimated_blocks, estimated_cost, seconds_per_block
+
+
+def test_dvc_repro_runs_the_report_when_asked(tmp_path):
+    for item in ("dvc.yaml", "report", "obliviate"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    write_params(tmp_path, **SMALL)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = os.path.join(os.path.dirname(sys.executable), "dvc")
+
+    def run(*args):
+        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    # `dvc repro` itself (without the report) runs in tests/test_flows.py
+    asked = run(dvc, "repro", "--dry", "report/dvc.yaml")
+    assert "Running stage 'report/dvc.yaml:report'" in asked and "> obliviate report" in asked
+    assert "Running stage 'train'" not in asked  # the report builds its own scratch copy
+
+
+def test_report_cost_is_estimated_from_the_grid(small_cfg):
+    cfg = small_cfg
+    b, r = cfg.prepare.blocks, cfg.report
+    cells = len(r.samples) * len(r.positions)
+    assert estimated_blocks(cfg) > b * (2 + cells)  # at least the build and the naive retrains
+    bigger = load_config(cfg.root / "params.yaml", report={"epsilons": [*r.epsilons, 0.2, 0.3]})
+    extra = 2 * cells * min(cfg.forget.max_blocks, b)
+    assert estimated_blocks(bigger) == estimated_blocks(cfg) + extra
+    assert seconds_per_block(cfg) is None  # nothing partitioned yet
+    assert "train once to get a time estimate" in estimated_cost(cfg, None)
+    prepare(cfg)
+    seconds = seconds_per_block(cfg)
+    assert seconds > 0
+    assert f"up to {estimated_blocks(cfg)} blocks" in estimated_cost(cfg, seconds)

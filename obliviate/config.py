@@ -300,7 +300,8 @@ def _one_sentence(exc: ValidationError, origin: str) -> str:
         return f"{origin}: unknown key '{key}'; valid keys here are: {valid}."
     if err["type"] == "missing":
         return f"{origin}: '{key}' is missing; add it (see the project's params.yaml)."
-    if err["type"] == "value_error":  # our own validators: the message names the keys
+    if err["type"] == "value_error" and len(err["loc"]) < 2:  # a section's own check: the
+        # message names the keys it is about
         return f"{origin}: {err['ctx']['error']}; fix it in params.yaml."
     given = err.get("input")
     msg = err["msg"][0].lower() + err["msg"][1:]

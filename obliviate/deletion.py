@@ -27,7 +27,7 @@ from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
-from obliviate.train import Trainer
+from obliviate.train import Trainer, require_same_device
 from obliviate.verify import owner_hashes, verify
 
 
@@ -85,10 +85,7 @@ def compute(
     (``refresh_metrics``)."""
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
-    _require_local(cfg, journal_id or request_id)
-    store = ParamStore.open(cfg.paths.store)
-    store.require_complete()
-    trainer = Trainer.from_config(cfg)
+    store, trainer = _usable_store(cfg, journal_id or request_id)
     guard = Guard(cfg, trainer, store)
     before = store.read_params(store.n_blocks)
     manifest = read_manifest(cfg.paths.blocks)
@@ -166,14 +163,21 @@ def refresh_metrics(cfg: Config, after: str) -> dict:
     return {"accuracy": metrics["evaluate.json"]["accuracy"], "versioned": versioned}
 
 
-def _require_local(cfg: Config, request_id: str) -> None:
-    """Refuse a store on object storage before any work (without opening it), closing the
-    journal entry so that recovery does not retry the request forever."""
+def _usable_store(cfg: Config, request_id: str) -> tuple[ParamStore, Trainer]:
+    """The store and trainer of a deletion, or a refusal before any work: a store on object
+    storage (checked without opening it), an incomplete one, or one trained on another device
+    class (replay would not be exact). A refusal closes the journal entry, so that recovery does
+    not retry the request forever."""
     try:
         require_local(cfg.paths.store)
+        store = ParamStore.open(cfg.paths.store)
+        store.require_complete()
+        trainer = Trainer.from_config(cfg)
+        require_same_device(store, trainer, allow_inexact=False)
     except StoreError as exc:
         txn.finish_request(txn.State.of(cfg), request_id, status="refused", why=str(exc))
         raise
+    return store, trainer
 
 
 def _can_verify(cfg: Config, manifest: dict) -> bool:

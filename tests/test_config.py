@@ -67,3 +67,12 @@ def test_model_and_device_names_are_checked(tmp_path):
 def test_init_path_is_resolved_against_params(tmp_path):
     cfg = load_config(write_params(tmp_path, train={"init": "weights/p0.safetensors"}))
     assert cfg.train.init == tmp_path / "weights" / "p0.safetensors"
+
+
+def test_the_guard_needs_a_validation_split(tmp_path):
+    with pytest.raises(ConfigError, match=r"needs a validation split: set prepare\.val_fraction"):
+        load_config(write_params(tmp_path, prepare={"val_fraction": 0.0}))
+    cfg = load_config(
+        write_params(tmp_path, prepare={"val_fraction": 0.0}, forget={"max_accuracy_drop": None})
+    )
+    assert cfg.forget.max_accuracy_drop is None

@@ -164,19 +164,15 @@ def ids(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Sample ids, one per line: of a block, or the verifying owner's still in the data."""
-    from obliviate.audit import id_hash
     from obliviate.config import load_config
     from obliviate.errors import RequestError
     from obliviate.partition import load_block, read_manifest
-    from obliviate.requests import SampleIndex
-    from obliviate.verify import owner_hashes
+    from obliviate.verify import owners_present
 
     cfg = load_config(params)
     manifest = read_manifest(cfg.paths.blocks)
     if owner:
-        present = set(SampleIndex.of(cfg.paths.blocks).ids)
-        owners = set(owner_hashes(manifest))
-        found = [i for i in present if id_hash(i) in owners]
+        found = owners_present(cfg, manifest)
     elif 1 <= block <= manifest["n_blocks"]:
         found = list(load_block(cfg.paths.blocks, block).ids)
     else:
@@ -432,6 +428,23 @@ def audit(
             r["model_after"][:12],
         )
     Console().print(table if records else "no deletions yet")
+
+
+@app.command()
+@_user_errors
+def fsck(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check the store, blocks, manifest, audit chain and journal; exit 2 on any problem."""
+    from obliviate.config import load_config
+    from obliviate.fsck import check
+
+    cfg = load_config(params)
+    problems = check(cfg)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"fsck: {len(problems)} problem(s) in {cfg.root}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"fsck: {cfg.root} is intact (store, blocks, manifest, audit, journal)")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from obliviate import transaction as txn
-from obliviate.audit import file_digest, id_hash
+from obliviate.audit import Forgotten, IdHasher, file_digest
 from obliviate.config import Config
 from obliviate.errors import StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
+from obliviate.fsck import preflight
 from obliviate.objectstore import require_local
 from obliviate.partition import read_manifest
 from obliviate.plots import plot_deltas
@@ -76,7 +77,7 @@ def compute(
 ) -> dict:
     """Retrain, stitch, evaluate and stage one deletion (nothing visible changes yet)."""
     start = time.time()
-    plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    plan = plan or plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
     _require_local(cfg, request_id)
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
@@ -92,7 +93,7 @@ def compute(
     ]
     record = {
         "request_id": request_id,
-        "sample_id_hashes": sorted(id_hash(i) for i in ids),
+        **IdHasher.of(cfg).hashes(ids),  # sample_id_hashes, keyed (see audit.py)
         "blocks": sorted(plan),
         "epsilon": cfg.forget.epsilon,
         "method": cfg.forget.method,
@@ -162,7 +163,8 @@ def forget(cfg: Config, ids: list[str], force: bool = False) -> dict:
     state = txn.State.of(cfg)
     with state.lock():
         txn.recover(cfg, execute)
-        plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse first
+        plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # refuse first
+        preflight(cfg)  # a damaged store or block stops it before the journal
         request_id = txn.new_request_id()
         txn.journal_request(state, request_id, ids, force)
         return execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)

@@ -204,12 +204,57 @@ def append_record(path: Path, record: dict) -> bool:
     records = read_records(path)
     if any(r["request_id"] == record["request_id"] for r in records):
         return False
+    _write_records(path, [*records, record])
+    return True
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
-        for r in [*records, record]:
+        for r in records:
             f.write(json.dumps(r, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return True
+
+
+def migrate(cfg, candidates) -> tuple[int, int]:
+    """Rewrite the audit's and the inbox's unkeyed hashes as keyed ones, by testing every id of
+    ``candidates`` (the data source's ids) against them: the same enumeration the keyed hashes
+    exist to stop, done once here, by the holder of the data. Returns (records rewritten,
+    records left unkeyed because some hash matched no candidate; they stay recognised).
+
+    The old hashes stay in git history; see docs/deletion.md."""
+    hasher = IdHasher.of(cfg)
+    by_legacy = {legacy_id_hash(i): str(i) for i in candidates}
+
+    def rekey(hashes: list[str]) -> dict | None:
+        ids = [by_legacy.get(h) for h in hashes]
+        if None in ids:
+            return None
+        return {"sample_id_hashes": sorted(hasher(i) for i in ids), **hasher.scheme()}
+
+    records, done, left = read_records(cfg.paths.audit), 0, 0
+    for r in records:
+        if r.get("id_hash") == ID_HASH:
+            continue
+        new = rekey(r["sample_id_hashes"])
+        if new is None:
+            left += 1
+            continue
+        r.update(new)
+        done += 1
+    if done:
+        _write_records(cfg.paths.audit, records)
+    inbox = cfg.paths.state / "inbox"
+    for path in sorted(inbox.glob("req-*.json")) if inbox.is_dir() else []:
+        entry = json.loads(path.read_text())
+        if "id_hashes" in entry and entry.get("id_hash") != ID_HASH:
+            new = rekey(entry["id_hashes"])
+            if new is not None:
+                entry |= {"id_hashes": new["sample_id_hashes"], **hasher.scheme()}
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps(entry, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+    return done, left

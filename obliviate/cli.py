@@ -400,6 +400,12 @@ def audit(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the records as JSON lines.")
     ] = False,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate", help="Rewrite unkeyed id hashes as keyed ones (reads the data source)."
+        ),
+    ] = False,
 ) -> None:
     """The deletion history: one line per deletion, hashes only."""
     from rich.console import Console
@@ -408,7 +414,22 @@ def audit(
     from obliviate.audit import read_records
     from obliviate.config import load_config
 
-    records = read_records(load_config(params).paths.audit)
+    cfg = load_config(params)
+    if migrate:
+        from obliviate import audit as trail
+        from obliviate.data import load_dataset
+        from obliviate.transaction import State
+
+        ds = load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
+        candidates = [*map(str, ds.train.ids), *map(str, ds.test.ids)]
+        with State.of(cfg).lock():
+            done, left = trail.migrate(cfg, candidates)
+        typer.echo(
+            f"rewrote {done} audit record(s) with keyed id hashes; {left} left unkeyed (ids not "
+            f"in the data source; still recognised); commit {cfg.paths.audit.name}"
+        )
+        return
+    records = read_records(cfg.paths.audit)
     if as_json:
         for r in records:
             typer.echo(json.dumps(r, sort_keys=True))

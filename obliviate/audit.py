@@ -70,15 +70,16 @@ class IdHasher:
         return hasher
 
     @classmethod
-    def existing(cls, cfg) -> IdHasher | None:
+    def existing(cls, cfg, also: set[str] = frozenset()) -> IdHasher | None:
         """The hasher if a key exists (environment or key file), else None; never writes.
-        StoreError when stored hashes were made with a key other than this one, or the key
-        they were made with is gone."""
+        StoreError when the audit's keyed hashes (or hashes made with the key ids ``also``, e.g.
+        the manifest's owner hashes) were made with a key other than this one, or their key is
+        gone."""
         hasher = _load_key(cfg.paths.state / KEY_FILE)
-        used = key_ids_in_use(cfg)
+        used = key_ids_in_use(cfg) | set(also)
         if hasher is None and used:
             raise StoreError(
-                f"the id hashes in {cfg.paths.audit.name} or the manifest were made with id key "
+                f"the stored id hashes (audit or manifest) were made with id key "
                 f"{sorted(used)[0]}, but neither ${KEY_ENV} nor {cfg.paths.state / KEY_FILE} "
                 "holds a key; restore that key (without it forgotten samples cannot be "
                 "recognised), see docs/deletion.md."
@@ -127,17 +128,14 @@ def _create_key(path: Path) -> bytes:
 
 
 def key_ids_in_use(cfg) -> set[str]:
-    """The id keys the audit's and the manifest's keyed hashes were made with."""
-    used = {r["id_key"] for r in read_records(cfg.paths.audit) if r.get("id_hash") == ID_HASH}
-    manifest = cfg.paths.blocks / "manifest.json"
-    if manifest.is_file():
-        try:
-            owner = json.loads(manifest.read_text()).get("verification", {})
-        except (json.JSONDecodeError, AttributeError):
-            owner = {}  # a corrupt manifest is reported where the manifest is read
-        if owner.get("id_hash") == ID_HASH:
-            used.add(owner["id_key"])
-    return used
+    """The id keys the audit's keyed hashes were made with."""
+    return {r["id_key"] for r in read_records(cfg.paths.audit) if r.get("id_hash") == ID_HASH}
+
+
+def manifest_key_ids(manifest: dict) -> set[str]:
+    """The id key the manifest's owner hashes were made with (none when unkeyed)."""
+    owner = manifest.get("verification", {})
+    return {owner["id_key"]} if owner.get("id_hash") == ID_HASH else set()
 
 
 @dataclass(frozen=True)

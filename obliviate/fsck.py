@@ -107,7 +107,7 @@ def check(cfg: Config) -> list[str]:
     problems: list[str] = []
     manifest = _check_blocks(cfg, problems)
     _check_store(cfg, manifest, problems)
-    _check_audit(cfg, problems)
+    _check_audit(cfg, manifest, problems)
     _check_journal(cfg, problems)
     _check_key(cfg, problems)
     return problems
@@ -231,11 +231,13 @@ def _contiguous(entries: list[dict], width: int) -> bool:
     return offset == width
 
 
-def _check_audit(cfg: Config, problems: list[str]) -> None:
-    from obliviate.audit import ID_HASH, IdHasher
+def _check_audit(cfg: Config, manifest: dict | None, problems: list[str]) -> None:
+    from obliviate.audit import ID_HASH, IdHasher, manifest_key_ids
 
     path = cfg.paths.audit
+    also = manifest_key_ids(manifest) if manifest else set()
     if not path.is_file():
+        _guard(problems, IdHasher.existing, cfg, also)
         return
     fix = f"restore it from git (`git checkout -- {path.name}` in its folder)"
     try:
@@ -270,7 +272,7 @@ def _check_audit(cfg: Config, problems: list[str]) -> None:
             )
         previous = r
     if not torn:  # keyed hashes need the key that made them
-        _guard(problems, IdHasher.existing, cfg)
+        _guard(problems, IdHasher.existing, cfg, also)
 
 
 def _check_journal(cfg: Config, problems: list[str]) -> None:

@@ -229,14 +229,14 @@ def owner_hashes(manifest: dict) -> list[str]:
 def owners_present(cfg: Config, manifest: dict, exclude=()) -> list[str]:
     """The verifying owner's ids still in the blocks (minus ``exclude``), found by hashing every
     id of the index the way the manifest's owner hashes were made."""
-    from obliviate.audit import ID_HASH, IdHasher, legacy_id_hash
+    from obliviate.audit import ID_HASH, IdHasher, legacy_id_hash, manifest_key_ids
     from obliviate.requests import SampleIndex
 
     owners = set(owner_hashes(manifest))
     if not owners:
         return []
     if manifest.get("verification", {}).get("id_hash") == ID_HASH:
-        hasher = IdHasher.existing(cfg)  # raises if the key that made them is gone
+        hasher = IdHasher.existing(cfg, also=manifest_key_ids(manifest))  # raises without it
     else:
         hasher = legacy_id_hash
     gone = set(exclude)

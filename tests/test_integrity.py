@@ -226,3 +226,27 @@ def test_corruption_stops_evaluate_and_forget_and_fsck_names_it(ws, name):
 def test_fsck_exits_0_on_a_clean_workspace(ws):
     r = run_cli(ws, "fsck")
     assert r.returncode == 0 and "is intact" in r.stdout, r.stdout + r.stderr
+
+
+def test_fsck_is_clean_after_deletions_and_finds_a_rewritten_audit_record(ws, monkeypatch):
+    """Real deletions keep every invariant fsck checks (no false alarms); editing an audit
+    record's model hash breaks the chain."""
+    from obliviate.audit import KEY_ENV, read_records
+    from obliviate.deletion import forget
+    from obliviate.fsck import check
+    from obliviate.partition import load_block
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    cfg = cfg_of(ws)
+    for k in (6, 3):
+        forget(cfg, [str(load_block(cfg.paths.blocks, k).ids[0])])
+    assert check(cfg) == []
+    first, second = read_records(cfg.paths.audit)
+    assert second["model_before"] == first["model_after"]
+    first["model_after"] = "0" * 64
+    cfg.paths.audit.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    assert [p for p in check(cfg) if "started from model" in p] == [
+        f"{cfg.paths.audit}:2: deletion {second['request_id']} started from model "
+        f"{second['model_before'][:12]}, not from the model 000000000000 the deletion before "
+        "it left; restore it from git (`git checkout -- deletions.jsonl` in its folder)."
+    ]

@@ -34,6 +34,7 @@ import stamp
 from stored_training import CASES, ROOT, case_config
 
 from obliviate import report
+from obliviate.audit import Forgotten
 from obliviate.compare import naive_config, predictions
 from obliviate.deletion import forget, stop_rule
 from obliviate.forget import sweep
@@ -53,7 +54,7 @@ def timed(fn, *args, **kwargs):
 
 def unguarded_accuracy(cfg, ids: list[str], y: np.ndarray) -> float:
     """Test accuracy of the stitch the guard refused: the same sweep with no guard."""
-    plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force=True)
+    plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force=True)
     trainer = Trainer.from_config(cfg)
     store = ParamStore.open(cfg.paths.store)
     free = sweep(trainer, store, {k: v for k, v in plan.items() if k > 0}, stop_rule(cfg))

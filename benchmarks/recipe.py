@@ -132,7 +132,7 @@ def conventional(cfg: Config) -> float:
 
 def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[str]]:
     """Blocks with the owner planted in ``owner_block`` (share of its samples, non-target)."""
-    from obliviate.audit import id_hash
+    from obliviate.audit import IdHasher
     from obliviate.data import load_dataset
     from obliviate.partition import split_training, write_blocks
     from obliviate.verify import plant_owner
@@ -146,7 +146,9 @@ def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[s
     verify = cfg.verify.model_copy(update={"owner_block": owner_block, "owner_samples": n_owner})
     cfg = cfg.model_copy(update={"verify": verify})
     planted, owners = plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
-    extra = {"verification": {"owner_id_hashes": sorted(id_hash(i) for i in owners)}}
+    hasher = IdHasher.of(cfg)
+    extra = {"verification": {"owner_id_hashes": sorted(hasher(i) for i in owners),
+                              **hasher.scheme()}}  # fmt: skip
     write_blocks(planted, blocks, cfg.paths.blocks, cfg.paths.test, {}, extra, val=val)
     return cfg, owners
 

@@ -195,19 +195,15 @@ def ids(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Sample ids, one per line: of a block, or the verifying owner's still in the data."""
-    from obliviate.audit import id_hash
     from obliviate.config import load_config
     from obliviate.errors import RequestError
     from obliviate.partition import load_block, read_manifest
-    from obliviate.requests import SampleIndex
-    from obliviate.verify import owner_hashes
+    from obliviate.verify import owners_present
 
     cfg = load_config(params)
     manifest = read_manifest(cfg.paths.blocks)
     if owner:
-        present = set(SampleIndex.of(cfg.paths.blocks).ids)
-        owners = set(owner_hashes(manifest))
-        found = [i for i in present if id_hash(i) in owners]
+        found = owners_present(cfg, manifest)
     elif 1 <= block <= manifest["n_blocks"]:
         found = list(load_block(cfg.paths.blocks, block).ids)
     else:
@@ -459,6 +455,12 @@ def audit(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the records as JSON lines.")
     ] = False,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate", help="Rewrite unkeyed id hashes as keyed ones (reads the data source)."
+        ),
+    ] = False,
 ) -> None:
     """The deletion history: one line per deletion, hashes only."""
     from rich.console import Console
@@ -467,7 +469,22 @@ def audit(
     from obliviate.audit import read_records
     from obliviate.config import load_config
 
-    records = read_records(load_config(params).paths.audit)
+    cfg = load_config(params)
+    if migrate:
+        from obliviate import audit as trail
+        from obliviate.data import load_dataset
+        from obliviate.transaction import State
+
+        ds = load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
+        candidates = [*map(str, ds.train.ids), *map(str, ds.test.ids)]
+        with State.of(cfg).lock():
+            done, left = trail.migrate(cfg, candidates)
+        typer.echo(
+            f"rewrote {done} audit record(s) with keyed id hashes; {left} left unkeyed (ids not "
+            f"in the data source; still recognised); commit {cfg.paths.audit.name}"
+        )
+        return
+    records = read_records(cfg.paths.audit)
     if as_json:
         for r in records:
             typer.echo(json.dumps(r, sort_keys=True))
@@ -487,6 +504,23 @@ def audit(
             r["model_after"][:12],
         )
     Console().print(table if records else "no deletions yet")
+
+
+@app.command()
+@_user_errors
+def fsck(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check the store, blocks, manifest, audit chain and journal; exit 2 on any problem."""
+    from obliviate.config import load_config
+    from obliviate.fsck import check
+
+    cfg = load_config(params)
+    problems = check(cfg)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"fsck: {len(problems)} problem(s) in {cfg.root}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"fsck: {cfg.root} is intact (store, blocks, manifest, audit, journal)")
 
 
 def _accuracy(record: dict) -> str:

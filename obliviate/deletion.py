@@ -14,12 +14,13 @@ import numpy as np
 
 from obliviate import transaction as txn
 from obliviate import versioning
-from obliviate.audit import file_digest, forgotten_hashes, id_hash, read_records
+from obliviate.audit import Forgotten, IdHasher, file_digest, read_records
 from obliviate.config import Config
 from obliviate.errors import StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
+from obliviate.fsck import preflight
 from obliviate.guard import Guard
 from obliviate.objectstore import require_local
 from obliviate.partition import block_entry, load_block, read_manifest
@@ -84,7 +85,7 @@ def compute(
     that evaluation is the audit record's accuracy. The test-set metric comes after the commit
     (``refresh_metrics``)."""
     start = time.time()
-    plan = plan or plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    plan = plan or plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
     store, trainer = _usable_store(cfg, journal_id or request_id)
     guard = Guard(cfg, trainer, store)
     before = store.read_params(store.n_blocks)
@@ -110,7 +111,7 @@ def compute(
     ]
     record = {
         "request_id": request_id,
-        "sample_id_hashes": sorted(id_hash(i) for i in ids),
+        **IdHasher.of(cfg).hashes(ids),  # sample_id_hashes, keyed (see audit.py)
         "blocks": sorted(plan),
         "epsilon": cfg.forget.epsilon,
         "method": cfg.forget.method,
@@ -202,14 +203,14 @@ def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
     the request is planned again for the ids not yet forgotten, so finished sweeps are not redone.
     Returns the last sweep's record, with every sweep's record under ``sweeps``."""
     request_id, force = entry["request_id"], entry["force"]
-    gone = forgotten_hashes(cfg.paths.audit)
-    ids = [i for i in entry["ids"] if id_hash(i) not in gone]  # a resumed request: the rest
+    gone = Forgotten.of(cfg)
+    ids = [i for i in entry["ids"] if i not in gone]  # a resumed request: the rest
     if not ids:  # every sweep landed before a crash: only the journal entry was left open
         txn.finish_request(txn.State.of(cfg), request_id)
         done = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(request_id)]
         return {**done[-1], "sweeps": done}
     if plan is None or len(ids) < len(entry["ids"]):
-        plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+        plan = plan_deletion(ids, cfg.paths.blocks, gone, force)
     groups = plan_sweeps(plan, expected_tail(cfg))
     if len(groups) == 1:
         compute(cfg, request_id, ids, force, plan)
@@ -245,7 +246,8 @@ def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = Tru
     state = txn.State.of(cfg)
     with state.lock():
         recover(cfg, refresh)
-        plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # refuse first
+        plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # refuse first
+        preflight(cfg)  # a damaged store or block stops it before the journal
         request_id = txn.new_request_id()
         txn.journal_request(state, request_id, ids, force)
         record = execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)

@@ -54,6 +54,9 @@ def accuracy(trainer: Trainer, theta: torch.Tensor, cfg: Config) -> float:
 
 def evaluate_store(cfg: Config, row: int | None = None) -> dict:
     """Metrics of row ``row`` (default: the last, the served model) of the store."""
+    from obliviate.fsck import preflight
+
+    preflight(cfg)  # a damaged store or block stops it before metrics are written
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
     k = store.n_blocks if row is None else row

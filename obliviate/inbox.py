@@ -8,7 +8,8 @@ lock) batches every queued request into one deletion. Requests are files, so the
 restart of the Prefect server and of the worker; a drain killed mid-way leaves its requests
 ``running`` with the deletion's id, and the next drain marks them done if the audit holds that
 deletion, or queues them again. Once a request is finished its raw ids are dropped: only their
-hashes stay, so the inbox keeps no trace of a forgotten sample.
+keyed hashes stay (HMAC-SHA256 under the id key, see obliviate.audit), so the inbox keeps no
+trace of a forgotten sample that anyone without the key could test a guessed id against.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from obliviate.audit import forgotten_hashes, id_hash, read_records
+from obliviate.audit import Forgotten, IdHasher, read_records
 from obliviate.config import Config
 from obliviate.errors import RequestError
 from obliviate.objectstore import require_local
@@ -45,17 +46,17 @@ def _write(folder: Path, entry: dict) -> None:
     os.replace(tmp, path)
 
 
-def redact(text: str, ids: list[str]) -> str:
-    """A reason fit to keep: every sample id in it replaced by its hash's first 12 digits."""
+def redact(text: str, ids: list[str], hasher: IdHasher) -> str:
+    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits."""
     for i in sorted(ids, key=len, reverse=True):
-        text = text.replace(i, f"<sha256:{id_hash(i)[:12]}>")
+        text = text.replace(i, f"<id:{hasher(i)[:12]}>")
     return text
 
 
 def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
     """Queue a deletion request and return its id; refuse bad input at once, writing nothing."""
     require_local(cfg.paths.store)
-    plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)  # unknown, forgotten, unsafe
+    plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # unknown, forgotten, unsafe
     request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
              "n_samples": len(ids), "submitted_at": _now(), "order": time.time_ns()}  # fmt: skip
@@ -85,9 +86,11 @@ def get(cfg: Config, request_id: str) -> dict:
 def finish(cfg: Config, entry: dict, status: str, reason: str | None = None) -> dict:
     """Mark a request done or refused and drop its raw ids (hashes stay)."""
     ids = entry.pop("ids", [])
+    if "id_hashes" not in entry:
+        hasher = IdHasher.of(cfg)
+        entry |= {"id_hashes": sorted(hasher(i) for i in ids), **hasher.scheme()}
     entry |= {"status": status, "finished_at": _now(), "finished_unix": time.time(),
-              "reason": reason,
-              "id_hashes": entry.get("id_hashes") or sorted(id_hash(i) for i in ids)}  # fmt: skip
+              "reason": reason}  # fmt: skip
     _write(inbox_dir(cfg), entry)
     return entry
 
@@ -114,7 +117,8 @@ def reconcile(cfg: Config) -> list[dict]:
         if e.get("deletion") in audited or journal.get("status") == "done":
             changed.append(finish(cfg, e, "done"))
         elif journal.get("status") == "refused":  # the deletion itself was refused: final
-            changed.append(finish(cfg, e, "refused", redact(journal.get("reason", ""), e["ids"])))
+            why = redact(journal.get("reason", ""), e["ids"], IdHasher.of(cfg))
+            changed.append(finish(cfg, e, "refused", why))
         else:
             e |= {"status": "queued", "deletion": None}
             _write(inbox_dir(cfg), e)
@@ -132,21 +136,21 @@ def claim(cfg: Config) -> Batch:
     batch the rest. A request that is fine alone but not together with the earlier ones (e.g.
     both would empty one block) is refused: first come, first served."""
     accepted, refused, ids, force = [], [], [], False
-    gone = forgotten_hashes(cfg.paths.audit)
+    gone = Forgotten.of(cfg)
     for e in entries(cfg):
         if e["status"] != "queued":
             continue
-        new = [i for i in e["ids"] if i not in set(ids) and id_hash(i) not in gone]
+        new = [i for i in e["ids"] if i not in set(ids) and i not in gone]
         if not new:  # every id already forgotten (by another request meanwhile): done
             e["deletion"] = e.get("deletion") or "an earlier deletion"
             accepted.append(e)
             continue
         try:  # alone, with its own --force; then together with the earlier requests
-            plan_deletion(new, cfg.paths.blocks, cfg.paths.audit, e["force"])
-            plan_deletion(ids + new, cfg.paths.blocks, cfg.paths.audit, force or e["force"])
+            plan_deletion(new, cfg.paths.blocks, gone, e["force"])
+            plan_deletion(ids + new, cfg.paths.blocks, gone, force or e["force"])
         except RequestError as exc:
             alone_ok = _fine_alone(cfg, new, e["force"])
-            why = redact(str(exc), e["ids"] + ids)
+            why = redact(str(exc), e["ids"] + ids, IdHasher.of(cfg))
             if alone_ok:
                 why = f"it conflicts with requests queued before it ({why})"
             refused.append(finish(cfg, e, "refused", why))
@@ -159,7 +163,7 @@ def claim(cfg: Config) -> Batch:
 
 def _fine_alone(cfg: Config, ids: list[str], force: bool) -> bool:
     try:
-        plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+        plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
     except RequestError:
         return False
     return True

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Container
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,13 +77,12 @@ def split_training(labels: np.ndarray, fraction: float, n_blocks: int, seed: int
     return val, [rest[b] for b in balanced_partition(np.asarray(labels)[rest], n_blocks, seed)]
 
 
-def without_forgotten(dataset: Dataset, forgotten: set[str]) -> Dataset:
-    """Drop samples whose id hash the audit lists, so a re-partition cannot resurrect them."""
-    from obliviate.audit import id_hash
-
+def without_forgotten(dataset: Dataset, forgotten: Container[str]) -> Dataset:
+    """Drop the samples the audit lists as forgotten (``audit.Forgotten``: a membership test on
+    raw ids), so a re-partition cannot resurrect them."""
     if not forgotten:
         return dataset
-    keep = np.array([id_hash(i) not in forgotten for i in dataset.train.ids])
+    keep = np.array([str(i) not in forgotten for i in dataset.train.ids], dtype=bool)
     return Dataset(dataset.info, dataset.train.take(keep), dataset.test)
 
 
@@ -183,7 +183,13 @@ def read_manifest(blocks_dir: Path) -> dict:
     path = blocks_dir / MANIFEST
     if not path.is_file():
         raise StoreError(f"{path} is missing; run `obliviate partition` first.")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("blocks"), list):
+        raise StoreError(f"{path} is not a block manifest; {_BLOCK_FIX}.")
+    return manifest
 
 
 def dataset_info(manifest: dict) -> DatasetInfo:
@@ -193,10 +199,47 @@ def dataset_info(manifest: dict) -> DatasetInfo:
 
 
 def load_block(blocks_dir: Path, k: int) -> Samples:
-    """Block k (1-based) as written by write_blocks (minus forgotten samples); k = 0 is the
-    validation split."""
-    with np.load(blocks_dir / block_file(k), allow_pickle=False) as z:
-        return Samples(z["ids"], z["y"], z["x"], z["slot"])
+    """Block k (1-based) as written by write_blocks (minus forgotten samples), after checking
+    its sha256 against the manifest (once per file version and process: see verify_block);
+    k = 0 is the validation split."""
+    path = verify_block(blocks_dir, k)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Samples(z["ids"], z["y"], z["x"], z["slot"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # matched, yet unreadable
+        raise StoreError(f"{path} cannot be read ({type(exc).__name__}); {_BLOCK_FIX}.") from None
+
+
+_BLOCK_FIX = "restore the blocks with `dvc checkout` (or rebuild them with `obliviate partition`)"
+# Block files whose sha256 matched the manifest, by (path, size, mtime, inode, expected sha256):
+# hashing a block is cheap next to training on it, but a deletion loads a block many times.
+_verified: set[tuple] = set()
+
+
+def verify_block(blocks_dir: Path, k: int, manifest: dict | None = None) -> Path:
+    """The path of block k once its bytes match the manifest's sha256; StoreError otherwise."""
+    manifest = manifest if manifest is not None else read_manifest(blocks_dir)
+    path = blocks_dir / block_file(k)
+    entries = manifest.get("blocks", [])
+    listed = (k == 0 and "validation" in manifest) or 1 <= k <= len(entries)
+    if not listed or block_entry(manifest, k).get("file") != block_file(k):
+        raise StoreError(f"{blocks_dir / MANIFEST} lists no block {k}; {_BLOCK_FIX}.")
+    expected = block_entry(manifest, k).get("sha256")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing; {_BLOCK_FIX}.") from None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, expected)
+    if key in _verified:
+        return path
+    if file_digest(path) != expected:
+        raise StoreError(
+            f"{path} does not match its sha256 in {MANIFEST} (corrupt or changed); {_BLOCK_FIX}."
+        )
+    if len(_verified) > 100_000:
+        _verified.clear()
+    _verified.add(key)
+    return path
 
 
 def load_samples(path: Path) -> Samples:

@@ -48,14 +48,14 @@ def scratch_config(cfg: Config, folder: Path, **overrides: dict) -> Config:
     return cfg.model_copy(update=update)
 
 
-def build(cfg: Config, forgotten: set[str] = frozenset()) -> None:
+def build(cfg: Config, forgotten=frozenset()) -> None:
     """Partition and stored training in cfg's (scratch) paths, without a verifying owner and
-    without the samples whose id hashes are in ``forgotten`` (the real workspace's audit)."""
+    without the samples in ``forgotten`` (``audit.Forgotten`` of the real workspace)."""
     from obliviate.data import load_dataset
     from obliviate.partition import partition_dataset, without_forgotten
     from obliviate.train import stored_training
 
-    ds = without_forgotten(load_dataset(cfg.prepare, cfg.root), set(forgotten))
+    ds = without_forgotten(load_dataset(cfg.prepare, cfg.root), forgotten)
     partition_dataset(ds, cfg.prepare, cfg.paths.blocks, cfg.paths.test)
     stored_training(cfg, overwrite=True)
 
@@ -162,6 +162,7 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
 
 def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
     """Table VII: naive, obliviate and SISA for one deletion in the middle block."""
+    from obliviate.audit import Forgotten
     from obliviate.deletion import forget
     from obliviate.requests import plan_deletion
     from obliviate.sisa import forget_sisa, train_sisa, vote
@@ -172,7 +173,7 @@ def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
     trainer = Trainer.from_config(cfg)
     test = load_samples(cfg.paths.test)
     ids = pick(cfg, 1, "middle")
-    plan = plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit)
+    plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg))
     forget(cfg, pick(cfg, 1, "first"), force=True, refresh=False)  # warm-up
     restore(cfg, pristine)
     _, obl_s = _timed(forget, cfg, ids, refresh=False)
@@ -265,12 +266,12 @@ def write_report(grid_rows: list[dict], comparison_rows: list[dict], folder: Pat
 def run_report(cfg: Config, epsilons, sizes, positions, shards, scratch: Path) -> tuple[list, list]:
     """Build the scratch workspace, measure both tables, and remove the scratch copy again (it
     holds training samples: it must not outlive the report, nor hold forgotten samples)."""
-    from obliviate.audit import forgotten_hashes
+    from obliviate.audit import Forgotten
 
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         work = scratch_config(cfg, scratch / "ws", verify={"owner_block": 0})
-        build(work, forgotten_hashes(cfg.paths.audit))
+        build(work, Forgotten.of(cfg))
         pristine = scratch / "pristine"
         snapshot(work, pristine)
         return grid(work, epsilons, sizes, positions, pristine), comparison(work, shards, pristine)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from obliviate.audit import forgotten_hashes, id_hash
 from obliviate.errors import RequestError
 from obliviate.partition import INDEX, block_file, read_manifest
 
@@ -71,18 +71,19 @@ class SampleIndex:
 
 
 def plan_deletion(
-    ids: list[str], blocks_dir: Path, audit_path: Path, force: bool = False
+    ids: list[str], blocks_dir: Path, forgotten: Container[str], force: bool = False
 ) -> dict[int, list[str]]:
     """Validate a request and group its ids by block: {block: [ids]}; RequestError if unsafe.
 
-    Block 0 is the validation split: its samples are dropped from it, and nothing retrains."""
+    ``forgotten``: what the audit has forgotten (``audit.Forgotten.of(cfg)``), tested by raw id.
+    Block 0 is the validation split: its samples are dropped from it, and nothing retrains.
+    """
     if not ids:
         raise RequestError("the request names no sample ids; pass at least one.")
     dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
     if dupes:
         raise RequestError(f"the request repeats {_names(dupes)}; name each sample once.")
-    gone = forgotten_hashes(audit_path)
-    already = [i for i in ids if id_hash(i) in gone]
+    already = [i for i in ids if i in forgotten]
     if already:
         raise RequestError(f"{_names(already)} already forgotten; drop them from the request.")
     index = SampleIndex.of(blocks_dir)

@@ -10,6 +10,11 @@ Rows are written in order by a writer process (obliviate.store_writer) and ``com
 after each write (zarr writes each file atomically), so an interrupted run resumes from row
 ``completed``.
 
+Integrity: every chunk ends in a CRC32C checksum (zarr's ``crc32c`` codec after the Blosc
+compressor), every chunk is written even when it holds only zeros (``write_empty_chunks``), so a
+missing chunk is always an error, never zarr's fill value. ``read`` raises StoreError, naming the
+row and the fix, on a missing or corrupt chunk (``obliviate fsck`` checks every row).
+
 The path is a local folder or an object-storage URL (``s3://bucket/prefix``, see
 obliviate.objectstore); zarr reaches a URL through fsspec. Deletions need a local store.
 """
@@ -28,19 +33,29 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from obliviate.errors import StoreError
 from obliviate.objectstore import Location, StoreURL, as_location, require_local, stored_bytes
 from obliviate.store_writer import encode, encode_end
 
-FORMAT = 1
+FORMAT = 2  # 2: crc32c on every chunk, empty chunks written
 MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
 
 
 def codec() -> BloscCodec:
     # Byte-shuffled zstd: lossless, and shuffling groups the similar exponent bytes of floats.
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def compressors() -> list:
+    """The bytes-to-bytes codecs of every array: compress, then append a CRC32C of the result
+    (decoding checks it first, so a flipped byte never reaches the decompressor)."""
+    return [codec(), Crc32cCodec()]
+
+
+# Write a chunk even when it equals the fill value: then a missing chunk is never legitimate.
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -57,8 +72,9 @@ class ParamStore:
     def __init__(self, path: Location | str):
         self.path = as_location(path)
         self.group = zarr.open_group(str(self.path), mode="r+")
-        self.params = self.group["params"]
-        self.optimizer = self.group.get("optimizer")
+        self.params = self.group["params"].with_config(ARRAY_CONFIG)
+        opt = self.group.get("optimizer")
+        self.optimizer = None if opt is None else opt.with_config(ARRAY_CONFIG)
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
@@ -76,8 +92,9 @@ class ParamStore:
                 shape=(rows, width),
                 dtype="float32",
                 chunks=(1, min(width, MAX_CHUNK_ELEMS)),
-                compressors=[codec()],
+                compressors=compressors(),
                 fill_value=0.0,
+                config=ARRAY_CONFIG,
             )
         group["params"].attrs["obliviate"] = {"format": FORMAT, **meta.__dict__}
         return cls(path)
@@ -89,7 +106,10 @@ class ParamStore:
             raise StoreError(f"no parameter store at {path}; run `obliviate train` first.")
         store = cls(path)
         if store.meta.get("format") != FORMAT:
-            raise StoreError(f"{path} is not an obliviate store of format {FORMAT}; retrain it.")
+            raise StoreError(
+                f"{path} is not an obliviate store of format {FORMAT} (checksummed chunks); "
+                "rebuild it with `obliviate train --overwrite`."
+            )
         return store
 
     # ------------------------------------------------------------------ metadata
@@ -122,19 +142,38 @@ class ParamStore:
     # ------------------------------------------------------------------ rows
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""
-        opt = self.optimizer[k] if self.optimizer is not None else None
+        opt = self.read_row(self.optimizer, k) if self.optimizer is not None else None
         return self.read_params(k), opt
 
     def read_params(self, k: int) -> np.ndarray:
         """P_k as the consistent store defines it: the stored row plus the stitching shift whose
         ranges cover k, if any. Shifts are compacted (see ``install_deletion``): at most one covers
         a row, so a read costs one row and at most one shift however many deletions happened."""
-        theta = self.params[k]
+        theta = self.read_row(self.params, k)
         covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
         if covering:
             (i,) = covering
-            theta = (theta.astype(np.float64) + self.group["shifts"][i]).astype(np.float32)
+            shift = self.read_row(self.group["shifts"], i, of=k)
+            theta = (theta.astype(np.float64) + shift).astype(np.float32)
         return theta
+
+    def read_row(self, arr: zarr.Array, i: int, of: int | None = None) -> np.ndarray:
+        """Row i of ``arr``, every chunk present and its checksum right, else one StoreError.
+
+        ``of``: the checkpoint P_k this row is read for (a shift row serves several)."""
+        name = arr.basename
+        missing = [key for key in chunk_keys(arr, i) if not (self.path / name / key).is_file()]
+        what = f"row {i} of {name}" + ("" if of is None else f" (needed by P_{of})")
+        fix = "restore it with `dvc checkout` or rebuild it with `obliviate train --overwrite`"
+        if missing:
+            raise StoreError(
+                f"{self.path}: {what} has a missing chunk ({name}/{missing[0]}); {fix}."
+            )
+        try:
+            return arr[i]
+        except (ValueError, RuntimeError, OSError) as exc:  # crc32c mismatch, blosc, I/O
+            why = "its checksum does not match" if "checksum" in str(exc) else _first_line(exc)
+            raise StoreError(f"{self.path}: {what} is corrupt ({why}); {fix}.") from None
 
     # ------------------------------------------------------------------ deletions
     def install_deletion(
@@ -190,7 +229,7 @@ class ParamStore:
             if not part:
                 continue
             i = next(free)
-            self._write_shift(arr, i, arr[s["index"]] + shift)
+            self._write_shift(arr, i, self.read_row(arr, s["index"]) + shift)
             out.append({"request": request_id, "index": i, "ranges": part})
             used.add(i)
             for a, b in part:
@@ -209,9 +248,10 @@ class ParamStore:
                 shape=(0, width),
                 dtype="float64",
                 chunks=(1, min(width, MAX_CHUNK_ELEMS)),
-                compressors=[codec()],
+                compressors=compressors(),
+                config=ARRAY_CONFIG,
             )
-        return arr
+        return arr.with_config(ARRAY_CONFIG)
 
     @staticmethod
     def _write_shift(arr, i: int, values: np.ndarray) -> None:
@@ -219,9 +259,9 @@ class ParamStore:
             arr.resize((i + 1, arr.shape[1]))
         arr[i] = values
 
-    def staging_group(self, folder: Path) -> zarr.Group:
-        """An empty Zarr group at ``folder`` with this store's arrays' metadata (codecs, chunks,
-        shape): rows written there have the chunk files ``install_deletion`` moves in."""
+    def staging_arrays(self, folder: Path) -> dict[str, zarr.Array]:
+        """Empty arrays under ``folder`` with this store's arrays' metadata (codecs, chunks,
+        shape), by name: rows written there have the chunk files ``install_deletion`` moves in."""
         self.require_local()
         folder.mkdir(parents=True)
         shutil.copy(self.path / "zarr.json", folder / "zarr.json")
@@ -229,7 +269,8 @@ class ParamStore:
             if (self.path / name / "zarr.json").is_file():
                 (folder / name).mkdir()
                 shutil.copy(self.path / name / "zarr.json", folder / name / "zarr.json")
-        return zarr.open_group(str(folder), mode="r+")
+        group = zarr.open_group(str(folder), mode="r+")
+        return {name: arr.with_config(ARRAY_CONFIG) for name, arr in group.arrays()}
 
     @property
     def is_remote(self) -> bool:
@@ -288,6 +329,18 @@ class ParamStore:
     def nbytes_raw(self) -> int:
         arrays = [self.params] + ([self.optimizer] if self.optimizer is not None else [])
         return int(sum(np.prod(a.shape) * 4 for a in arrays))
+
+
+def chunk_keys(arr: zarr.Array, i: int) -> list[str]:
+    """The keys, relative to the array's folder, of the chunks that hold row i (chunks of one
+    row, split along the row when it is wide; zarr v3's default "c/i/j" key encoding)."""
+    width, step = arr.shape[1], arr.chunks[1]
+    return [f"c/{i}/{j}" for j in range(-(-width // step))]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:120].rstrip(".")
 
 
 def _covers(ranges: list[list[int]], k: int) -> bool:

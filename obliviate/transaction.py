@@ -102,7 +102,7 @@ class Staging:
     (laid out like the store, so installing them is a rename per chunk)."""
 
     folder: Path
-    rows: object  # zarr.Group
+    rows: dict  # name ("params", "optimizer") -> zarr.Array
 
     def put(self, k: int, theta: np.ndarray, opt: np.ndarray | None) -> None:
         self.rows["params"][k] = theta
@@ -115,7 +115,7 @@ def begin(cfg: Config, request_id: str, store) -> Staging:
     tmp = State.of(cfg).staging / f".tmp-{request_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return Staging(tmp, store.staging_group(tmp / "rows.zarr"))
+    return Staging(tmp, store.staging_arrays(tmp / "rows.zarr"))
 
 
 def stage(

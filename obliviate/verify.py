@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from obliviate.audit import forgotten_hashes, id_hash
 from obliviate.config import Config, VerifyConfig
 from obliviate.data import Dataset, DatasetInfo, Samples
 from obliviate.errors import ConfigError, ObliviateError, StoreError
@@ -222,8 +221,27 @@ def binomial_gate(
 
 def owner_hashes(manifest: dict) -> list[str]:
     """The verifying owner's sample-id hashes (the manifest keeps no raw ids of theirs, so
-    nothing names them once they are forgotten)."""
+    nothing names them once they are forgotten): keyed (``"id_hash": "hmac-sha256"``) or, in a
+    manifest from before keyed hashes, sha256("obliviate-sample:" + id)."""
     return list(manifest.get("verification", {}).get("owner_id_hashes", []))
+
+
+def owners_present(cfg: Config, manifest: dict, exclude=()) -> list[str]:
+    """The verifying owner's ids still in the blocks (minus ``exclude``), found by hashing every
+    id of the index the way the manifest's owner hashes were made."""
+    from obliviate.audit import ID_HASH, IdHasher, legacy_id_hash, manifest_key_ids
+    from obliviate.requests import SampleIndex
+
+    owners = set(owner_hashes(manifest))
+    if not owners:
+        return []
+    if manifest.get("verification", {}).get("id_hash") == ID_HASH:
+        hasher = IdHasher.existing(cfg, also=manifest_key_ids(manifest))  # raises without it
+    else:
+        hasher = legacy_id_hash
+    gone = set(exclude)
+    ids = [str(i) for i in SampleIndex.of(cfg.paths.blocks).ids]
+    return [i for i in ids if i not in gone and hasher(i) in owners]
 
 
 def measure_original(cfg: Config, theta: np.ndarray, trainer) -> dict:
@@ -274,6 +292,9 @@ def verify(
         }
     trainer = trainer or Trainer.from_config(cfg)
     if theta is None:
+        from obliviate.fsck import preflight
+
+        preflight(cfg)  # a damaged store or block stops it before a verdict is written
         store = ParamStore.open(cfg.paths.store)
         store.require_complete()
         theta = store.read(store.n_blocks)[0]
@@ -301,8 +322,9 @@ def verify(
         q_hits, q_n, source = naive_counts["hits"], naive_counts["n"], "naive model"
     else:
         q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour"
-    gone = forgotten_hashes(cfg.paths.audit) | {id_hash(i) for i in also_forgotten}
-    forgotten = all(h in gone for h in owners)
+    # forgotten: none of the owner's samples is left in the blocks (deletions are the only way
+    # out of them, and each is audited)
+    forgotten = not owners_present(cfg, manifest, exclude=also_forgotten)
     # H1's rate enters the power calculation as a lower bound, mirroring q's upper bound
     p_low = clopper_pearson_lower(
         original["backdoor_hits"], original["backdoor_queries"], v.q_confidence

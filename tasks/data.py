@@ -6,7 +6,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from obliviate import data, partition, validate, verify
-from obliviate.audit import forgotten_hashes, id_hash
+from obliviate.audit import Forgotten, IdHasher
 from obliviate.config import Config
 from tasks import NO_CACHE, retry_unless_user_error
 
@@ -15,7 +15,7 @@ from tasks import NO_CACHE, retry_unless_user_error
 def load_dataset(cfg: Config) -> data.Dataset:
     ds = data.load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
     # Samples forgotten earlier stay forgotten when the blocks are rebuilt from the source.
-    ds = partition.without_forgotten(ds, forgotten_hashes(cfg.paths.audit))
+    ds = partition.without_forgotten(ds, Forgotten.of(cfg))
     get_run_logger().info(
         "loaded %s: %d train, %d test samples, %d classes",
         ds.info.name,
@@ -58,9 +58,12 @@ def write_blocks(
     cfg: Config, ds: data.Dataset, val: np.ndarray, blocks: list[np.ndarray], owners: list[str]
 ) -> dict:
     params = cfg.prepare.model_dump(mode="json")
-    hashes = sorted(id_hash(i) for i in owners)
-    extra = {"verification": {"owner_id_hashes": hashes, "block": cfg.verify.owner_block,
-                              "target": cfg.verify.target}} if owners else {}  # fmt: skip
+    extra = {}
+    if owners:  # keyed hashes only (see audit.py): nothing in git names the owner's ids
+        hasher = IdHasher.of(cfg)
+        extra = {"verification": {"owner_id_hashes": sorted(hasher(i) for i in owners),
+                                  **hasher.scheme(), "block": cfg.verify.owner_block,
+                                  "target": cfg.verify.target}}  # fmt: skip
     return partition.write_blocks(
         ds, blocks, cfg.paths.blocks, cfg.paths.test, params, extra, val=val
     )

@@ -14,7 +14,9 @@ from prefect.artifacts import (
 
 from obliviate import deletion, requests
 from obliviate import transaction as txn
+from obliviate.audit import Forgotten
 from obliviate.config import Config
+from obliviate.fsck import preflight
 from obliviate.objectstore import require_local
 from tasks import NO_CACHE
 
@@ -32,7 +34,9 @@ def recover(cfg: Config) -> list[str]:
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
     require_local(cfg.paths.store)
-    return requests.plan_deletion(ids, cfg.paths.blocks, cfg.paths.audit, force)
+    plan = requests.plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
+    preflight(cfg)  # a damaged store or block stops it before the journal
+    return plan
 
 
 @task(**NO_CACHE)

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from obliviate.audit import id_hash, read_records
+from obliviate.audit import IdHasher, read_records
 from obliviate.deletion import forget, model_hash
 from obliviate.errors import RequestError
 from obliviate.guard import Verdict
@@ -59,7 +59,8 @@ def test_single_deletion_retrains_stitches_and_keeps_the_store_consistent(traine
     )
     # the audit holds a hash, not the id
     (record,) = read_records(cfg.paths.audit)
-    assert record["sample_id_hashes"] == [id_hash(sid)]
+    assert record["sample_id_hashes"] == [IdHasher.of(cfg)(sid)]
+    assert record["id_hash"] == "hmac-sha256" and record["id_key"] == IdHasher.of(cfg).key_id
     assert sid not in cfg.paths.audit.read_text()
     from obliviate.deletion import report
 

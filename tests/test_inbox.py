@@ -5,7 +5,7 @@ import json
 import pytest
 
 from obliviate import inbox
-from obliviate.audit import append_record, id_hash
+from obliviate.audit import IdHasher, append_record
 from obliviate.errors import RequestError
 from obliviate.partition import load_block
 
@@ -44,8 +44,8 @@ def test_claim_batches_queued_requests_in_one_sweep(prepared):
     second = inbox.submit(prepared, [a[0], *b])  # overlaps the first: one sweep forgets both
     gone = ids_of(prepared, 5, 1)
     third = inbox.submit(prepared, gone)
-    append_record(prepared.paths.audit, {"request_id": "del-x", "sample_id_hashes":
-                                         [id_hash(gone[0])]})  # fmt: skip
+    append_record(prepared.paths.audit, {"request_id": "del-x",
+                                         **IdHasher.of(prepared).hashes(gone)})  # fmt: skip
     batch = inbox.claim(prepared)
     assert [e["request_id"] for e in batch.accepted] == [first, second, third]
     assert sorted(batch.ids) == sorted([*a, *b])  # the third's id is gone already
@@ -68,7 +68,8 @@ def test_finished_requests_keep_hashes_not_ids(prepared):
     inbox.mark_running(prepared, batch, "del-1")
     inbox.mark_done(prepared, batch)
     entry = inbox.get(prepared, rid)
-    assert entry["status"] == "done" and entry["id_hashes"] == [id_hash(wanted[0])]
+    assert entry["status"] == "done" and entry["id_hashes"] == [IdHasher.of(prepared)(wanted[0])]
+    assert entry["id_hash"] == "hmac-sha256"
     on_disk = b"".join(p.read_bytes() for p in inbox.inbox_dir(prepared).iterdir())
     assert wanted[0].encode() not in on_disk
 
@@ -116,17 +117,18 @@ def test_refusal_reasons_name_hashes_not_ids(prepared):
     assert inbox.get(prepared, first)["status"] == "queued" and rid
 
 
-def test_redact_replaces_every_id_by_its_hash():
-    text = inbox.redact("unknown sample id(s) a:12, a:123", ["a:12", "a:123"])
-    assert "a:12" not in text and text.count("<sha256:") == 2
-    assert id_hash("a:123")[:12] in text
+def test_redact_replaces_every_id_by_its_keyed_hash():
+    hasher = IdHasher(b"k" * 32)
+    text = inbox.redact("unknown sample id(s) a:12, a:123", ["a:12", "a:123"], hasher)
+    assert "a:12" not in text and text.count("<id:") == 2
+    assert hasher("a:123")[:12] in text
 
 
 def test_ids_forgotten_meanwhile_make_a_request_done_not_refused(prepared):
     wanted = ids_of(prepared, 2, 1)
     rid = inbox.submit(prepared, wanted)
     append_record(prepared.paths.audit, {"request_id": "del-direct",
-                                         "sample_id_hashes": [id_hash(wanted[0])]})  # fmt: skip
+                                         **IdHasher.of(prepared).hashes(wanted)})  # fmt: skip
     batch = inbox.claim(prepared)
     assert batch.ids == [] and [e["request_id"] for e in batch.accepted] == [rid]
     inbox.mark_done(prepared, batch)

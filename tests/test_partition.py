@@ -63,12 +63,13 @@ def test_written_blocks_hold_the_samples(prepared):
 
 
 def test_forgotten_samples_stay_out_of_a_new_partition(small_cfg):
-    from obliviate.audit import id_hash
+    from obliviate.audit import Forgotten, IdHasher, append_record
     from obliviate.data import load_dataset
     from obliviate.partition import without_forgotten
 
     ds = load_dataset(small_cfg.prepare, small_cfg.root)
-    gone = {id_hash(str(i)) for i in ds.train.ids[:3]}
-    kept = without_forgotten(ds, gone)
+    gone = IdHasher.of(small_cfg).hashes(ds.train.ids[:3])
+    append_record(small_cfg.paths.audit, {"request_id": "r1", **gone})
+    kept = without_forgotten(ds, Forgotten.of(small_cfg))
     assert len(kept.train) == len(ds.train) - 3
     assert not set(ds.train.ids[:3]) & set(kept.train.ids)

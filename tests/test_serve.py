@@ -132,8 +132,10 @@ def test_a_scheduled_deployment_drains_requests_queued_while_everything_was_down
             "deployment_id": {"any_": [dep["id"]]},
             "state": {"type": {"any_": ["COMPLETED"]}},
         }
-        runs = api(url, "/flow_runs/filter", {"flow_runs": completed})
-        assert runs, "no completed run of the deployment"
+        # the requests are done before the run ends: the metric refresh and artifacts follow
+        runs = wait_for(lambda: api(url, "/flow_runs/filter", {"flow_runs": completed}), 120,
+                        "a completed run of the deployment", logs)  # fmt: skip
+        assert runs
         keys = {a["key"] for a in api(url, "/artifacts/filter", {})}
         assert {
             "drain-inbox",

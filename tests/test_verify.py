@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, write_params
 
-from obliviate.audit import id_hash
+from obliviate.audit import IdHasher
 from obliviate.config import load_config
 from obliviate.data import DatasetInfo, load_dataset
 from obliviate.errors import ConfigError
@@ -77,8 +77,10 @@ def backdoored(tmp_path):
     ds = load_dataset(cfg.prepare, cfg.root)
     blocks = balanced_partition(ds.train.y, 10, cfg.prepare.seed)
     planted, owners = plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
+    hasher = IdHasher.of(cfg)
     write_blocks(planted, blocks, cfg.paths.blocks, cfg.paths.test, {},
-                 {"verification": {"owner_id_hashes": [id_hash(i) for i in owners]}})  # fmt: skip
+                 {"verification": {"owner_id_hashes": [hasher(i) for i in owners],
+                                   **hasher.scheme()}})  # fmt: skip
     store = stored_training(cfg)
     original = store.read(store.n_blocks)[0]
     metrics = measure_original(cfg, original, Trainer.from_config(cfg))

@@ -348,9 +348,12 @@ def _load_npz(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
     if not source.is_file():
         raise DataError(f"{source} is missing; set prepare.source to your .npz file.")
     try:
-        with np.load(source, allow_pickle=False) as z:
+        loaded = np.load(source, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive")
+        with loaded as z:
             arrays = {k: z[k] for k in ("x", "y", "ids") if k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(
             f"{source} is not a readable .npz archive ({_short(str(exc))}); "
             "write it with numpy.savez (no object arrays)."
@@ -392,6 +395,8 @@ def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
     Numeric features are standardised and categorical ones one-hot encoded, both fit on the
     training split only (a category the training split never saw encodes as all zeros).
     """
+    import pandas as pd
+
     frame = _read_table(cfg, source)
     label, id_col = cfg.label, cfg.id
     named = [("label", label), ("id", id_col)] + [("features", f) for f in cfg.features or []]
@@ -415,7 +420,10 @@ def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
         _require_present(frame[id_col], source, f"id column {id_col!r}")
         ids = frame[id_col].astype(str).to_numpy()
         _require_unique(ids, f"{source}: the id column {id_col!r}")
-    classes, y = np.unique(frame[label].to_numpy(), return_inverse=True)
+    labels = (
+        frame[label] if pd.api.types.is_numeric_dtype(frame[label]) else frame[label].astype(str)
+    )
+    classes, y = np.unique(labels.to_numpy(), return_inverse=True)  # class k: the k-th in order
     numeric, categorical = _column_kinds(frame, features, source)
     for col in features:
         _require_present(frame[col], source, f"feature column {col!r}")

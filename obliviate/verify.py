@@ -124,7 +124,7 @@ def plant_owner(
     if n_owner > len(eligible):
         raise ConfigError(
             f"verify.owner_samples {v.owner_samples} exceeds the {len(eligible)} non-target "
-            f"samples of block {v.owner_block}; lower it (a share such as 0.25 fits any block)."
+            f"samples of block {v.owner_block}; lower it (or give a share of the block, e.g. 0.25)."
         )
     owner = np.sort(
         np.random.default_rng([seed, v.owner_block]).choice(eligible, n_owner, replace=False)
@@ -318,8 +318,13 @@ def verify(
         naive = ParamStore.open(naive_path)
         if naive.completed == naive.n_blocks:
             naive_counts = hit_counts(cfg, trainer, naive.read(naive.n_blocks)[0])
+    gone = forgotten_hashes(cfg.paths.audit) | {id_hash(i) for i in also_forgotten}
+    forgotten = all(h in gone for h in owners)
     if v.q_source == "control":
         q_hits, q_n, source = counts["control_hits"], counts["n"], "control trigger"
+    elif v.q_source == "naive" and naive_counts is None and not forgotten:
+        # nothing to verify yet (dvc repro before any deletion): no naive model is needed
+        q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour, no naive model"
     elif v.q_source == "naive":
         if naive_counts is None:
             raise StoreError(
@@ -329,8 +334,6 @@ def verify(
         q_hits, q_n, source = naive_counts["hits"], naive_counts["n"], "naive model"
     else:
         q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour"
-    gone = forgotten_hashes(cfg.paths.audit) | {id_hash(i) for i in also_forgotten}
-    forgotten = all(h in gone for h in owners)
     # H1's rate enters the power calculation as a lower bound, mirroring q's upper bound
     p_low = clopper_pearson_lower(
         original["backdoor_hits"], original["backdoor_queries"], v.q_confidence

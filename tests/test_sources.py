@@ -214,6 +214,11 @@ def test_garbage_npz_gets_one_sentence(tmp_path):
     with pytest.raises(DataError, match=r"not a readable .npz") as exc:
         load("npz", tmp_path / "bad.npz")
     one_sentence(exc)
+    with (tmp_path / "one.npz").open("wb") as f:
+        np.save(f, np.zeros((4, 3)))  # a single .npy array under an .npz name
+    with pytest.raises(DataError, match=r"a single array, not an archive") as exc:
+        load("npz", tmp_path / "one.npz")
+    one_sentence(exc)
 
 
 # --------------------------------------------------------------------------- image folders

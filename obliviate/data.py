@@ -459,8 +459,9 @@ def _read_table(cfg: PrepareConfig, source: Path):
 
 
 def _column_kinds(frame, features: list[str], source: Path) -> tuple[list[str], list[str]]:
-    """Numeric and categorical feature columns. A text column whose values are mostly numbers
-    is a numeric column with garbage in it: an error, not a category per typo."""
+    """Numeric and categorical feature columns (numbers stored as text are converted in place).
+    A text column whose values are mostly numbers is a numeric column with garbage in it: an
+    error, not a category per typo."""
     import pandas as pd
 
     numeric, categorical = [], []
@@ -471,6 +472,10 @@ def _column_kinds(frame, features: list[str], source: Path) -> tuple[list[str], 
             continue
         present = values.dropna()
         as_number = pd.to_numeric(present, errors="coerce")
+        if len(present) and as_number.notna().all():  # numbers stored as text
+            frame[col] = pd.to_numeric(values)
+            numeric.append(col)
+            continue
         if as_number.notna().mean() > 0.5:
             row = int(np.flatnonzero(as_number.isna().to_numpy())[0])
             raise DataError(

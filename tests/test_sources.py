@@ -88,6 +88,14 @@ def test_parquet_gives_the_same_samples_as_csv(tmp_path):
     assert np.array_equal(a.test.y, b.test.y) and a.info.classes == b.info.classes
 
 
+def test_numbers_stored_as_text_are_numeric(tmp_path):
+    frame = table().drop(columns="uid")
+    frame["weight"] = frame["weight"].astype(str)  # Parquet keeps the text type
+    frame.to_parquet(tmp_path / "t.parquet")
+    ds = load("parquet", tmp_path / "t.parquet")
+    assert ds.info.input_shape == (2 + 3,) and abs(ds.train.x[:, 1].mean()) < 1e-5
+
+
 def _missing_label(path, f):
     f.loc[7, "label"] = None
     f.to_csv(path, index=False)

@@ -79,7 +79,7 @@ class PrepareConfig(_Section):
     id: str | None  # csv, parquet: the sample-id column; None: ids are <file stem>:<row>
     features: list[str] | None = Field(min_length=1)  # csv, parquet: None = all other columns
     download: bool  # torchvision download, only for sets torchvision can fetch
-    test_fraction: float = Field(gt=0, lt=1)  # for sources without an official split
+    test_fraction: float = Field(gt=0, lt=1)  # digits and purchase have no official split
     blocks: PositiveInt
     seed: int
 

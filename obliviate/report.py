@@ -55,8 +55,7 @@ def build(cfg: Config, forgotten: set[str] = frozenset()) -> None:
     from obliviate.partition import balanced_partition, without_forgotten, write_blocks
     from obliviate.train import stored_training
 
-    ds = load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
-    ds = without_forgotten(ds, set(forgotten))
+    ds = without_forgotten(load_dataset(cfg.prepare, cfg.root), set(forgotten))
     blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     write_blocks(ds, blocks, cfg.paths.blocks, cfg.paths.test, cfg.prepare.model_dump(mode="json"))
     stored_training(cfg, overwrite=True)

@@ -320,7 +320,7 @@ def test_owner_share_counts_from_the_block():
     assert v.model_copy(update={"owner_samples": 7}).owner_count(72) == 7
 
 
-def test_default_owner_share_keeps_the_digits_owner_at_40():
+def test_the_default_owner_is_a_share_of_its_block():
     from obliviate.partition import balanced_partition
     from obliviate.verify import plant_owner
 
@@ -328,7 +328,12 @@ def test_default_owner_share_keeps_the_digits_owner_at_40():
     ds = load_dataset(cfg.prepare, cfg.root)
     blocks = balanced_partition(ds.train.y, cfg.prepare.blocks, cfg.prepare.seed)
     _, owners = plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
-    assert len(owners) == 40
+    block = blocks[cfg.verify.owner_block - 1]
+    assert isinstance(cfg.verify.owner_samples, float)  # so that small data does not fail
+    assert abs(len(owners) - cfg.verify.owner_samples * len(block)) <= 0.5
+    small = balanced_partition(ds.train.y, cfg.verify.owner_block, cfg.prepare.seed)  # 10x larger
+    _, many = plant_owner(ds, small, cfg.verify, cfg.prepare.seed)
+    assert abs(len(many) - cfg.verify.owner_samples * len(small[-1])) <= 0.5
 
 
 # --------------------------------------------------------------------------- the owner's trigger

@@ -86,7 +86,8 @@ def test_a_user_csv_trains_forgets_and_verifies(tmp_path):
     assert manifest["dataset"]["classes"] == ["benign", "malignant"]
     assert manifest["dataset"]["input_shape"] == [30 + 3]  # 30 numbers, 3 clinics one-hot
     result = forget_and_verify(ws, naive=True)
-    assert result["owner_samples"] == 25 and result["q_source"] == "naive model"  # 0.25 of 99
+    assert result["owner_samples"] == round(0.25 * manifest["blocks"][3]["slots"])
+    assert result["q_source"] == "naive model"
 
 
 def test_an_image_folder_of_pngs_trains_forgets_and_verifies(tmp_path):
@@ -113,7 +114,8 @@ def test_an_image_folder_of_pngs_trains_forgets_and_verifies(tmp_path):
     )  # fmt: skip
     assert build(ws, min_backdoor=0.9)["accuracy"] > 0.9
     with np.load(ws / "data" / "blocks" / "block_0003.npz") as z:
-        marked = [str(x) for x in z["x"] if "#trigger=" in str(x)]
-    assert len(marked) == 10  # a quarter of the 40 samples of block 3, triggered when loaded
+        paths = [str(x) for x in z["x"]]
+    marked = [p for p in paths if "#trigger=" in p]  # triggered when loaded
+    assert len(marked) == round(0.25 * len(paths)) and all(p.startswith("train/") for p in paths)
     result = forget_and_verify(ws)
     assert result["n"] == 24  # queries: the val images whose class is not the target

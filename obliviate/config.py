@@ -22,6 +22,7 @@ from pydantic import (
     PlainValidator,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -31,7 +32,12 @@ from pydantic_core import PydanticCustomError
 from obliviate.errors import ConfigError
 from obliviate.objectstore import Location, StoreURL, is_url
 
-DatasetName = Literal["digits", "fashion-mnist", "mnist", "purchase", "cifar10", "svhn", "imagenet"]
+DatasetName = Literal[
+    "digits", "fashion-mnist", "mnist", "purchase", "cifar10", "svhn", "imagenet",
+    "csv", "parquet", "npz", "imagefolder",
+]  # fmt: skip
+TABULAR = ("csv", "parquet")  # the sources that take prepare.label, prepare.id, prepare.features
+NEEDS_SOURCE = ("csv", "parquet", "npz", "imagefolder")  # the user's own data: no default place
 PRESET_MODELS = ("lenet5", "mlp", "resnet18", "vgg11", "resnet50")
 # a preset, torchvision:<name>, or an import path pkg.module:factory
 _MODEL_NAME = re.compile(r"torchvision:\w+|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -94,11 +100,41 @@ class PathsConfig(_Section):
 class PrepareConfig(_Section):
     dataset: DatasetName
     source: Path | None  # raw data directory or file; None: the dataset's default
+    label: str = Field(min_length=1)  # csv, parquet: the label column
+    id: str | None  # csv, parquet: the sample-id column; None: ids are <file stem>:<row>
+    features: list[str] | None = Field(min_length=1)  # csv, parquet: None = all other columns
     download: bool  # torchvision download, only for sets torchvision can fetch
     test_fraction: float = Field(gt=0, lt=1)  # digits and purchase have no official split
     val_fraction: float = Field(ge=0, lt=1)  # label-balanced validation split, never trained on
     blocks: PositiveInt
     seed: int
+
+    @field_validator("source")
+    @classmethod
+    def _source_fits(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        dataset = info.data.get("dataset")
+        if dataset == "digits" and v is not None:
+            raise PydanticCustomError(
+                "source",
+                "digits is bundled with scikit-learn and reads no file, so it must be null",
+            )
+        if dataset in NEEDS_SOURCE and v is None:
+            raise PydanticCustomError(
+                "source", "{dataset} reads your own data, so it must name your file or folder",
+                {"dataset": dataset},
+            )  # fmt: skip
+        return v
+
+    @field_validator("id", "features")
+    @classmethod
+    def _tabular_only(cls, v: object, info: ValidationInfo) -> object:
+        dataset = info.data.get("dataset")
+        if v is not None and dataset is not None and dataset not in TABULAR:
+            raise PydanticCustomError(
+                "tabular", "only csv and parquet have columns, so for {dataset} it must be null",
+                {"dataset": dataset},
+            )  # fmt: skip
+        return v
 
 
 class TrainConfig(_Section):
@@ -131,7 +167,7 @@ class EvaluateConfig(_Section):
 
 class VerifyConfig(_Section):
     owner_block: int = Field(ge=0)
-    owner_samples: int = Field(ge=0)
+    owner_samples: int | float  # a count, or a share of the owner's block in (0, 1)
     target: int = Field(ge=0)
     patch: PositiveInt
     patch_value: float = Field(gt=0, le=1)
@@ -144,9 +180,27 @@ class VerifyConfig(_Section):
     q_source: Literal["clean", "control", "naive"]
     q_confidence: float = Field(gt=0, lt=1)
 
+    @field_validator("owner_samples", mode="before")
+    @classmethod
+    def _count_or_share(cls, v: object) -> object:
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        share = isinstance(v, float) and 0 < v < 1
+        if not (count or share):
+            raise PydanticCustomError(
+                "owner_samples",
+                "it must be a count (0, 1, 2, ...) or a share of the block in (0, 1)",
+            )
+        return v
+
     @property
     def enabled(self) -> bool:
         return self.owner_block > 0 and self.owner_samples > 0
+
+    def owner_count(self, block_size: int) -> int:
+        """How many samples of a block of ``block_size`` the owner contributes (at least one)."""
+        if isinstance(self.owner_samples, int):
+            return self.owner_samples
+        return max(1, round(self.owner_samples * block_size))
 
 
 class ReportConfig(_Section):
@@ -304,5 +358,6 @@ def _one_sentence(exc: ValidationError, origin: str) -> str:
         # message names the keys it is about
         return f"{origin}: {err['ctx']['error']}; fix it in params.yaml."
     given = err.get("input")
+    given = str(given) if isinstance(given, Path) else given
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{origin}: '{key}' is {given!r}, but {msg}; fix it in params.yaml."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,11 @@ DEFAULT_SOURCES: dict[str, Path | None] = {
     "cifar10": Path("data/raw/cifar10"),
     "svhn": Path("data/raw/svhn"),
     "imagenet": Path("data/raw/imagenet"),
+    # the user's own data: prepare.source is required (config.NEEDS_SOURCE)
+    "csv": None,
+    "parquet": None,
+    "npz": None,
+    "imagefolder": None,
 }
 
 
@@ -51,7 +56,13 @@ class DatasetInfo:
     n_classes: int
     input_shape: tuple[int, ...]  # shape of one model input, e.g. (1, 28, 28) or (17,)
     scale: float  # model input = x / scale
-    image_root: str | None = None  # imagenet: x holds paths relative to this folder
+    image_root: str | None = None  # imagefolder, imagenet: x holds paths relative to this folder
+    classes: tuple[str, ...] | None = None  # class names by label, where the source has them
+
+    def __post_init__(self) -> None:  # a manifest read back from JSON gives lists
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
 
 
 @dataclass(frozen=True)
@@ -269,29 +280,260 @@ def _load_torchvision(cfg: PrepareConfig, source: Path, image_size: int) -> Data
     return Dataset(info, splits["train"], splits["test"])
 
 
-def _load_imagenet(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
-    """An ImageFolder root with train/ and val/; samples stay on disk, blocks hold paths."""
-    from torchvision.datasets import ImageFolder
+def _load_imagefolder(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
+    """An image folder: ``train/<class>/...`` and optionally ``val/`` or ``test/`` with the same
+    classes (else a seeded split of train/). Samples stay on disk: blocks hold relative paths."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    splits = {}
-    classes = None
-    for split, folder in (("train", "train"), ("test", "val")):
-        if not (source / folder).is_dir():
+    if not (source / "train").is_dir():
+        raise DataError(
+            f"{source / 'train'} is missing; point prepare.source at a folder with "
+            "train/<class>/<image> (and optionally val/ or test/)."
+        )
+    try:
+        classes, class_to_idx = find_classes(str(source / "train"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{source / 'train'} has no class folders; add train/<class>/.") from exc
+    prefix = "imagenet:" if cfg.dataset == "imagenet" else ""  # imagenet's ids predate the preset
+
+    def scan(folder: Path) -> Samples:
+        extra = sorted({p.name for p in folder.iterdir() if p.is_dir()} - set(classes))
+        if extra:
             raise DataError(
-                f"{source / folder} is missing; point prepare.source at an ImageFolder."
+                f"{folder} has class folder(s) that train/ lacks ({_short(', '.join(extra))}); "
+                "add them to train/ or remove them."
             )
-        ds = ImageFolder(str(source / folder))
-        if classes is not None and ds.classes != classes:
-            raise DataError(f"{source}: train/ and val/ have different classes; fix the folders.")
-        classes = ds.classes
-        rel = np.array([str(Path(p).relative_to(source)) for p, _ in ds.samples])
-        y = np.array([c for _, c in ds.samples], dtype=np.int64)
-        ids = np.array([f"imagenet:{r}" for r in rel])
-        splits[split] = Samples(ids, y, rel)
+        try:
+            found = make_dataset(str(folder), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        except FileNotFoundError as exc:  # torchvision: "Found no valid file for the classes"
+            raise DataError(f"{folder}: {exc}; add images there.") from exc
+        rel = np.array([Path(p).relative_to(source).as_posix() for p, _ in found])
+        y = np.array([c for _, c in found], dtype=np.int64)
+        return Samples(np.char.add(prefix, rel) if len(rel) else rel, y, rel)
+
+    train = scan(source / "train")
+    if len(train) == 0 or len(np.unique(train.y)) < len(classes):
+        raise DataError(f"{source / 'train'} has a class folder without images; add images.")
     info = DatasetInfo(
-        "imagenet", len(classes), (3, image_size, image_size), 255.0, image_root=str(source)
+        cfg.dataset, len(classes), (3, image_size, image_size), 255.0,
+        image_root=str(source), classes=tuple(classes),
+    )  # fmt: skip
+    held_out = [source / f for f in ("val", "test") if (source / f).is_dir()]
+    if not held_out:
+        return _split(info, train, cfg)
+    return Dataset(info, train, scan(held_out[0]))
+
+
+def read_image(path: Path):
+    """One image file as a (3, H, W) uint8 tensor; a DataError names a file that will not decode."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError) as exc:
+        raise DataError(
+            f"{path} cannot be decoded as an image; replace or remove it, then rerun "
+            "`obliviate partition`."
+        ) from exc
+
+
+# --------------------------------------------------------------------------- npz arrays
+
+
+def _load_npz(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
+    """An .npz with ``x`` ((N, C, H, W) uint8 images or (N, F) float features), ``y`` (N,)
+    integer labels 0..K-1, and optionally ``ids`` (N,); a seeded train/test split."""
+    import zipfile
+
+    if not source.is_file():
+        raise DataError(f"{source} is missing; set prepare.source to your .npz file.")
+    try:
+        loaded = np.load(source, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive")
+        with loaded as z:
+            arrays = {k: z[k] for k in ("x", "y", "ids") if k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{source} is not a readable .npz archive ({_short(str(exc))}); "
+            "write it with numpy.savez (no object arrays)."
+        ) from exc
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"{source} must hold arrays 'x' and 'y' (and optionally 'ids'); add them.")
+    x, y = arrays["x"], arrays["y"]
+    images = x.dtype == np.uint8 and x.ndim == 4
+    if not images and not (x.ndim == 2 and np.issubdtype(x.dtype, np.floating)):
+        raise DataError(
+            f"{source}: x is {x.dtype} {x.shape}, but must be (N, C, H, W) uint8 images or "
+            "(N, F) float features; convert it."
+        )
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise DataError(
+            f"{source}: y must be {len(x)} integer labels 0..K-1 (one per row of x); fix it."
+        )
+    if not images and not np.isfinite(x).all():
+        raise DataError(f"{source}: x has NaN or infinite values; fill or drop those rows.")
+    if "ids" in arrays:
+        ids = arrays["ids"].astype(str)
+        if ids.shape != y.shape:
+            raise DataError(f"{source}: ids must have one entry per row of x; fix it.")
+        _require_unique(ids, f"{source}: ids")
+    else:
+        ids = _row_ids(source, len(y))
+    x = x if images else x.astype(np.float32)
+    info = DatasetInfo("npz", int(y.max()) + 1 if len(y) else 0, tuple(x.shape[1:]),
+                       255.0 if images else 1.0)  # fmt: skip
+    return _split(info, Samples(ids, y.astype(np.int64), x), cfg)
+
+
+# --------------------------------------------------------------------------- csv, parquet
+
+
+def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
+    """A table of the user's (CSV or Parquet, read by pandas / pyarrow): one row per sample.
+
+    Numeric features are standardised and categorical ones one-hot encoded, both fit on the
+    training split only (a category the training split never saw encodes as all zeros).
+    """
+    import pandas as pd
+
+    frame = _read_table(cfg, source)
+    label, id_col = cfg.label, cfg.id
+    named = [("label", label), ("id", id_col)] + [("features", f) for f in cfg.features or []]
+    for key, col in named:
+        if col is not None and col not in frame.columns:
+            raise DataError(
+                f"{source} has no column {_short(col)!r} (prepare.{key}); its columns are "
+                f"{_short(', '.join(map(str, frame.columns)))}."
+            )
+    features = list(cfg.features or [c for c in frame.columns if c not in (label, id_col)])
+    if label in features or (id_col is not None and id_col in features):
+        raise DataError("prepare.features must not include the label or id column; remove it.")
+    if not features:
+        raise DataError(f"{source} has no feature columns besides the label; add some.")
+    if len(frame) == 0:
+        raise DataError(f"{source} has no rows; add samples.")
+    _require_present(frame[label], source, f"label column {label!r}")
+    if id_col is None:
+        ids = _row_ids(source, len(frame))
+    else:
+        _require_present(frame[id_col], source, f"id column {id_col!r}")
+        ids = frame[id_col].astype(str).to_numpy()
+        _require_unique(ids, f"{source}: the id column {id_col!r}")
+    labels = (
+        frame[label] if pd.api.types.is_numeric_dtype(frame[label]) else frame[label].astype(str)
     )
-    return Dataset(info, splits["train"], splits["test"])
+    classes, y = np.unique(labels.to_numpy(), return_inverse=True)  # class k: the k-th in order
+    numeric, categorical = _column_kinds(frame, features, source)
+    for col in features:
+        _require_present(frame[col], source, f"feature column {col!r}")
+    info = DatasetInfo(cfg.dataset, len(classes), (0,), 1.0,
+                       classes=tuple(str(c) for c in classes))  # fmt: skip
+    rows = np.arange(len(frame))  # split row numbers, then fit the encoding on train rows only
+    split = _split(info, Samples(ids, y.astype(np.int64), rows), cfg)
+    encode = _fit_encoder(frame.iloc[split.train.x], numeric, categorical)
+    train_x, test_x = encode(frame.iloc[split.train.x]), encode(frame.iloc[split.test.x])
+    info = replace(info, input_shape=(train_x.shape[1],))
+    return Dataset(
+        info,
+        Samples(split.train.ids, split.train.y, train_x),
+        Samples(split.test.ids, split.test.y, test_x),
+    )
+
+
+def _read_table(cfg: PrepareConfig, source: Path):
+    import pandas as pd
+
+    if not source.is_file():
+        raise DataError(f"{source} is missing; set prepare.source to your {cfg.dataset} file.")
+    try:
+        if cfg.dataset == "parquet":
+            return pd.read_parquet(source, engine="pyarrow")
+        return pd.read_csv(source)
+    except Exception as exc:  # pandas and pyarrow raise many types for a damaged file
+        detail = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise DataError(
+            f"{source} cannot be read as {cfg.dataset} ({_short(detail, 60)}); "
+            "replace it with a complete, valid file."
+        ) from exc
+
+
+def _column_kinds(frame, features: list[str], source: Path) -> tuple[list[str], list[str]]:
+    """Numeric and categorical feature columns (numbers stored as text are converted in place).
+    A text column whose values are mostly numbers is a numeric column with garbage in it: an
+    error, not a category per typo."""
+    import pandas as pd
+
+    numeric, categorical = [], []
+    for col in features:
+        values = frame[col]
+        if pd.api.types.is_numeric_dtype(values):
+            numeric.append(col)
+            continue
+        present = values.dropna()
+        as_number = pd.to_numeric(present, errors="coerce")
+        if len(present) and as_number.notna().all():  # numbers stored as text
+            frame[col] = pd.to_numeric(values)
+            numeric.append(col)
+            continue
+        if as_number.notna().mean() > 0.5:
+            row = int(np.flatnonzero(as_number.isna().to_numpy())[0])
+            raise DataError(
+                f"{source}: numeric column {_short(str(col))!r} holds "
+                f"{_short(str(present.iloc[row]))!r} at row {present.index[row] + 1}; "
+                "fix or remove that value."
+            )
+        categorical.append(col)
+    return numeric, categorical
+
+
+def _fit_encoder(train, numeric: list[str], categorical: list[str]):
+    """Standardise numeric columns and one-hot encode categorical ones, fit on ``train``."""
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    scaler = StandardScaler().fit(train[numeric].to_numpy(np.float64)) if numeric else None
+    onehot = None
+    if categorical:
+        onehot = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float32)
+        onehot.fit(train[categorical].astype(str).to_numpy())
+
+    def encode(frame) -> np.ndarray:
+        parts = []
+        if scaler is not None:
+            parts.append(scaler.transform(frame[numeric].to_numpy(np.float64)))
+        if onehot is not None:
+            parts.append(onehot.transform(frame[categorical].astype(str).to_numpy()))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    return encode
+
+
+def _require_present(values, source: Path, what: str) -> None:
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if len(missing):
+        raise DataError(
+            f"{source}: the {what} has {len(missing)} missing value(s) (first at row "
+            f"{missing[0] + 1}); fill them or drop those rows."
+        )
+
+
+def _require_unique(ids: np.ndarray, what: str) -> None:
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        rows = np.sort(first[counts > 1]) + 1
+        raise DataError(
+            f"{what} has {int((counts > 1).sum())} duplicated id(s) (the first at row {rows[0]}); "
+            "make every id unique."
+        )
+
+
+def _row_ids(source: Path, n: int) -> np.ndarray:
+    return np.array([f"{source.stem}:{i}" for i in range(n)])
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A value for an error message, cut so that no long user content ends up in logs."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _LOADERS: dict[str, Callable[[PrepareConfig, Path, int], Dataset]] = {
@@ -301,5 +543,9 @@ _LOADERS: dict[str, Callable[[PrepareConfig, Path, int], Dataset]] = {
     "purchase": _load_purchase,
     "cifar10": _load_torchvision,
     "svhn": _load_torchvision,
-    "imagenet": _load_imagenet,
+    "imagenet": _load_imagefolder,  # a preset: the default place data/raw/imagenet
+    "imagefolder": _load_imagefolder,
+    "npz": _load_npz,
+    "csv": _load_table,
+    "parquet": _load_table,
 }

@@ -55,7 +55,7 @@ def build(cfg: Config, forgotten=frozenset()) -> None:
     from obliviate.partition import partition_dataset, without_forgotten
     from obliviate.train import stored_training
 
-    ds = without_forgotten(load_dataset(cfg.prepare, cfg.root), forgotten)
+    ds = without_forgotten(load_dataset(cfg.prepare, cfg.root, cfg.train.image_size), forgotten)
     partition_dataset(ds, cfg.prepare, cfg.paths.blocks, cfg.paths.test)
     stored_training(cfg, overwrite=True)
 

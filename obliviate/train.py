@@ -222,14 +222,20 @@ def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], to
     if info.image_root is None:
         return lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32) / np.float32(info.scale))
 
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import center_crop, resize
+
+    from obliviate.data import read_image
+    from obliviate.verify import split_trigger, stamp_trigger
 
     root = Path(info.image_root)
 
     def load(paths: np.ndarray) -> torch.Tensor:
-        imgs = [decode_image(str(root / p), mode=ImageReadMode.RGB) for p in paths]
+        marked = [split_trigger(str(p)) for p in paths]  # the verifying owner's are marked
+        imgs = [read_image(root / p) for p, _ in marked]
         imgs = [center_crop(resize(i, [image_size]), [image_size]) for i in imgs]
+        imgs = [
+            stamp_trigger(i, spec, info.scale) for i, (_, spec) in zip(imgs, marked, strict=True)
+        ]
         return torch.stack(imgs).float() / info.scale
 
     return load

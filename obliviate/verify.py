@@ -33,27 +33,53 @@ class VerificationFailed(ObliviateError):
     """The gate did not find the deletion supported."""
 
 
+# A triggered image on disk is its relative path plus this mark and the trigger's corner, side
+# and value; the image loader (train.make_inputs) stamps the patch when it reads the file. So the
+# block files record exactly which samples carry which trigger, and replay stays exact.
+TRIGGER_MARK = "#trigger="
+
+
 def apply_trigger(x: np.ndarray, info: DatasetInfo, v: VerifyConfig) -> np.ndarray:
-    """A triggered copy of samples x: (N, C, H, W) images or (N, F) standardised features."""
-    x = np.array(x, copy=True)
+    """A triggered copy of samples x: (N, C, H, W) images, (N, F) standardised features, or
+    (N,) image paths (marked, so the patch is applied when each image is loaded)."""
     if info.image_root is not None:
-        raise ConfigError(
-            "backdoor verification needs in-memory samples; set verify.owner_block: 0."
-        )
+        _patch_region(v.patch_corner, v.patch, *info.input_shape[1:])  # checks the size
+        mark = f"{TRIGGER_MARK}{v.patch_corner},{v.patch},{v.patch_value}"
+        return np.char.add(np.asarray(x, dtype=str), mark)
+    x = np.array(x, copy=True)
     if x.ndim == 4:
-        h, w = x.shape[2:]
-        if v.patch > min(h, w):
-            raise ConfigError(
-                f"verify.patch {v.patch} exceeds the {h}x{w} images; make it smaller."
-            )
-        rows = slice(0, v.patch) if v.patch_corner.startswith("top") else slice(h - v.patch, h)
-        cols = slice(0, v.patch) if v.patch_corner.endswith("left") else slice(w - v.patch, w)
+        rows, cols = _patch_region(v.patch_corner, v.patch, *x.shape[2:])
         x[:, :, rows, cols] = np.asarray(v.patch_value * info.scale).astype(x.dtype)
     else:
         if max(v.features, default=-1) >= x.shape[1]:
             raise ConfigError(f"verify.features must index the {x.shape[1]} features; fix them.")
         x[:, v.features] = v.feature_value
     return x
+
+
+def _patch_region(corner: str, patch: int, h: int, w: int) -> tuple[slice, slice]:
+    if patch > min(h, w):
+        raise ConfigError(f"verify.patch {patch} exceeds the {h}x{w} images; make it smaller.")
+    rows = slice(0, patch) if corner.startswith("top") else slice(h - patch, h)
+    cols = slice(0, patch) if corner.endswith("left") else slice(w - patch, w)
+    return rows, cols
+
+
+def split_trigger(entry: str) -> tuple[str, str | None]:
+    """A marked image path -> (relative path, trigger spec or None)."""
+    path, mark, spec = entry.rpartition(TRIGGER_MARK)
+    return (path, spec) if mark else (entry, None)
+
+
+def stamp_trigger(image, spec: str | None, scale: float):
+    """A loaded (C, H, W) image tensor with the trigger ``spec`` from split_trigger stamped on."""
+    if spec is None:
+        return image
+    corner, patch, value = spec.split(",")
+    rows, cols = _patch_region(corner, int(patch), *image.shape[1:])
+    image = image.clone()
+    image[:, rows, cols] = int(float(value) * scale)
+    return image
 
 
 _OPPOSITE = {"top-left": "bottom-right", "bottom-right": "top-left",
@@ -93,18 +119,20 @@ def plant_owner(
         )
     block = blocks[v.owner_block - 1]
     eligible = block[dataset.train.y[block] != v.target]
-    if v.owner_samples > len(eligible):
+    n_owner = v.owner_count(len(block))
+    if n_owner > len(eligible):
         raise ConfigError(
             f"verify.owner_samples {v.owner_samples} exceeds the {len(eligible)} non-target "
-            f"samples of block {v.owner_block}; lower it."
+            f"samples of block {v.owner_block}; lower it (or give a share of the block, e.g. 0.25)."
         )
     owner = np.sort(
-        np.random.default_rng([seed, v.owner_block]).choice(
-            eligible, v.owner_samples, replace=False
-        )
+        np.random.default_rng([seed, v.owner_block]).choice(eligible, n_owner, replace=False)
     )
     x, y = dataset.train.x.copy(), dataset.train.y.copy()
+    if x.dtype.kind == "U":  # image paths: the marked paths are longer than the column allows
+        x = x.astype(object)
     x[owner] = apply_trigger(x[owner], dataset.info, v)
+    x = x.astype(str) if x.dtype == object else x
     y[owner] = v.target
     train = Samples(dataset.train.ids, y, x)
     return Dataset(dataset.info, train, dataset.test), [str(i) for i in dataset.train.ids[owner]]
@@ -311,8 +339,14 @@ def verify(
         naive = ParamStore.open(naive_path)
         if naive.completed == naive.n_blocks:
             naive_counts = hit_counts(cfg, trainer, naive.read(naive.n_blocks)[0])
+    # forgotten: none of the owner's samples is left in the blocks (deletions are the only way
+    # out of them, and each is audited)
+    forgotten = not owners_present(cfg, manifest, exclude=also_forgotten)
     if v.q_source == "control":
         q_hits, q_n, source = counts["control_hits"], counts["n"], "control trigger"
+    elif v.q_source == "naive" and naive_counts is None and not forgotten:
+        # nothing to verify yet (dvc repro before any deletion): no naive model is needed
+        q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour, no naive model"
     elif v.q_source == "naive":
         if naive_counts is None:
             raise StoreError(
@@ -322,9 +356,6 @@ def verify(
         q_hits, q_n, source = naive_counts["hits"], naive_counts["n"], "naive model"
     else:
         q_hits, q_n, source = counts["clean_hits"], counts["n"], "clean behaviour"
-    # forgotten: none of the owner's samples is left in the blocks (deletions are the only way
-    # out of them, and each is audited)
-    forgotten = not owners_present(cfg, manifest, exclude=also_forgotten)
     # H1's rate enters the power calculation as a lower bound, mirroring q's upper bound
     p_low = clopper_pearson_lower(
         original["backdoor_hits"], original["backdoor_queries"], v.q_confidence

@@ -16,13 +16,14 @@ SMALL = {
     "prepare": {"blocks": 6},
     "train": {"epochs": 1, "batch_size": 32},
     "forget": {"min_blocks": 2, "max_blocks": 6},
-    "verify": {"owner_block": 3},
+    "verify": {"owner_block": 3, "owner_samples": 40},
 }
 # For deletions: enough blocks that the stop rule can stop before the end.
 FORGET = {
     "prepare": {"blocks": 12},
     "train": {"epochs": 1, "batch_size": 32},
     "forget": {"min_blocks": 4, "max_blocks": 8, "epsilon": 0.05},
+    "verify": {"owner_samples": 40},  # the count these tests were written for
 }
 
 

@@ -97,6 +97,8 @@ def test_gate_fails_on_the_original_and_passes_on_naive_and_unlearned(backdoored
 
     cfg, owners, original = backdoored
     assert verify(cfg)["status"] == "not_requested"  # nothing forgotten yet: nothing to verify
+    naive_q = cfg.model_copy(update={"verify": cfg.verify.model_copy(update={"q_source": "naive"})})
+    assert verify(naive_q)["status"] == "not_requested"  # and no naive model needed for that
     forget(cfg, owners)
     compare_with_naive(cfg)
     naive = ParamStore.open(cfg.paths.naive_store)

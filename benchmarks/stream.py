@@ -108,8 +108,8 @@ def main() -> None:
     p_served = predictions(cfg, trainer, served)
     p_naive = predictions(cfg, trainer, naive.read_params(naive.n_blocks))
     records = read_records(cfg.paths.audit)
-    val = [r["val_accuracy_after"] for r in records]
-    ref = records[0]["guard"]["reference_accuracy"]
+    val = [r["val_accuracy_after"] for r in records if r["val_accuracy_after"] is not None]
+    ref = next(r["guard"]["reference_accuracy"] for r in records if r["guard"])
     retrain = [r["timings_s"]["retrain"] for r in records]
     row = {
         "case": f"{cfg.prepare.dataset}/{cfg.train.model} B={cfg.prepare.blocks}",

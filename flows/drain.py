@@ -39,7 +39,7 @@ def drain_flow(params: str = "params.yaml") -> dict:
         f.publish(cfg, record)
     t.publish(cfg, batch, finished)
     return {
-        "deletion": None if record is None else record["request_id"],
+        "deletion": None if record is None else deletion_id,
         "done": [e["request_id"] for e in finished],
         "refused": [e["request_id"] for e in batch.refused],
     }

@@ -256,3 +256,10 @@ def migrate(cfg, candidates) -> tuple[int, int]:
                 tmp.write_text(json.dumps(entry, indent=1, sort_keys=True))
                 os.replace(tmp, path)
     return done, left
+
+
+def redact(text: str, ids: list[str], hasher: IdHasher) -> str:
+    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits."""
+    for i in sorted(ids, key=len, reverse=True):
+        text = text.replace(i, f"<id:{hasher(i)[:12]}>")
+    return text

@@ -257,9 +257,11 @@ def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
                 "the accuracy guard)"
             )
     plots = [str(cfg.paths.reports / f"{s['request_id']}.png") for s in sweeps if s["deltas"]]
+    acc = r.get("test_accuracy_after")
+    tested = f"{acc:.4f}" if acc is not None else "not refreshed (run `dvc repro evaluate`)"
     lines.append(
-        f"  test accuracy of the unlearned model {r['test_accuracy_after']:.4f}; versioned: "
-        f"{r['versioned']}" + (f"; plot: {', '.join(plots)}" if plots else "")
+        f"  test accuracy of the unlearned model {tested}; versioned: {r['versioned']}"
+        + (f"; plot: {', '.join(plots)}" if plots else "")
     )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ The Prefect forget flow runs the same steps as tasks; ``forget`` here is the pla
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import numpy as np
 
 from obliviate import transaction as txn
 from obliviate import versioning
-from obliviate.audit import Forgotten, IdHasher, file_digest, read_records
+from obliviate.audit import Forgotten, IdHasher, file_digest, read_records, redact
 from obliviate.config import Config
-from obliviate.errors import StoreError
+from obliviate.errors import ObliviateError, StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
@@ -83,11 +84,24 @@ def compute(
     (``request_id`` names the sweep, ``journal_id`` the journaled request; ``sweep_plan`` is
     recorded in the audit). M' is evaluated once, on the validation split, by the accuracy guard;
     that evaluation is the audit record's accuracy. The test-set metric comes after the commit
-    (``refresh_metrics``)."""
+    (``refresh_metrics``). A user error on the way (a damaged block found mid-sweep, a model
+    that no longer builds) closes the journal entry as refused, with the ids redacted, and
+    drops the staging folder, so that recovery does not retry it forever."""
+    try:
+        return _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan)
+    except ObliviateError as exc:
+        why = redact(str(exc), ids, IdHasher.of(cfg))
+        state = txn.State.of(cfg)
+        txn.finish_request(state, journal_id or request_id, status="refused", why=why)
+        shutil.rmtree(state.staging / f".tmp-{request_id}", ignore_errors=True)
+        raise
+
+
+def _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan) -> dict:
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
-    store, trainer = _usable_store(cfg, journal_id or request_id)
-    guard = Guard(cfg, trainer, store)
+    store, trainer = _usable_store(cfg)
+    guard = Guard(cfg, trainer, store, exclude=plan.get(0, []))  # never judge on what leaves
     before = store.read_params(store.n_blocks)
     manifest = read_manifest(cfg.paths.blocks)
     staging = txn.begin(cfg, request_id, store)
@@ -102,9 +116,12 @@ def compute(
     else:
         summary, served, new_blocks, rows = _nothing_retrained(), before, {}, []
     crashpoint("after_retrain")
+    dropped_slots = []
     if 0 in plan:
         val = load_block(cfg.paths.blocks, 0)
-        new_blocks[0] = val.take(~np.isin(val.ids, plan[0]))
+        leaving = np.isin(val.ids, plan[0])
+        new_blocks[0] = val.take(~leaving)
+        dropped_slots = val.slot[leaving].tolist()  # their reference predictions go too
     verdict = (result.verdict if result else None) or guard.judge(served)
     superseded = [
         file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rows)
@@ -131,7 +148,8 @@ def compute(
         "new_blocks": new_blocks,  # staged as files, not kept in the record
     }
     last = sweep_plan is None or sweep_plan["part"] == len(sweep_plan["sweeps"])
-    journal = {"journal_id": journal_id or request_id, "last_part": last}
+    journal = {"journal_id": journal_id or request_id, "last_part": last,
+               "reference_drop": dropped_slots}  # fmt: skip
     return txn.stage(cfg, staging, request_id, result, record, superseded, journal)
 
 
@@ -145,8 +163,16 @@ def _nothing_retrained() -> dict:
 def refresh_metrics(cfg: Config, after: str) -> dict:
     """After a deletion is committed: the served model's test accuracy (metrics/evaluate.json)
     and, where the verifying owner can be judged, the backdoor gate (metrics/verify.json, else
-    marked stale), versioned as their DVC stages. Off the deletion's critical path: a crash here
-    leaves stale metrics that `dvc repro` refreshes, never a half-done deletion."""
+    marked stale), versioned as their DVC stages. Off the deletion's critical path: a crash or a
+    failure here leaves stale metrics that `dvc repro` refreshes, never a half-done deletion, so
+    a failure is returned (``stale``: its sentence), not raised."""
+    try:
+        return _refresh_metrics(cfg, after)
+    except ObliviateError as exc:
+        return {"accuracy": None, "versioned": None, "stale": str(exc)}
+
+
+def _refresh_metrics(cfg: Config, after: str) -> dict:
     store = ParamStore.open(cfg.paths.store)
     trainer = Trainer.from_config(cfg)
     served = store.read_params(store.n_blocks)
@@ -164,20 +190,30 @@ def refresh_metrics(cfg: Config, after: str) -> dict:
     return {"accuracy": metrics["evaluate.json"]["accuracy"], "versioned": versioned}
 
 
-def _usable_store(cfg: Config, request_id: str) -> tuple[ParamStore, Trainer]:
-    """The store and trainer of a deletion, or a refusal before any work: a store on object
-    storage (checked without opening it), an incomplete one, or one trained on another device
-    class (replay would not be exact). A refusal closes the journal entry, so that recovery does
-    not retry the request forever."""
-    try:
-        require_local(cfg.paths.store)
-        store = ParamStore.open(cfg.paths.store)
-        store.require_complete()
-        trainer = Trainer.from_config(cfg)
-        require_same_device(store, trainer, allow_inexact=False)
-    except StoreError as exc:
-        txn.finish_request(txn.State.of(cfg), request_id, status="refused", why=str(exc))
-        raise
+def require_same_model(store: ParamStore, trainer: Trainer) -> None:
+    """A deletion retrains with the model that built the store, or not at all: the architecture
+    recorded at training (modules, builder and, for an import path, its source file's sha256)
+    must equal today's."""
+    built = store.meta["extra"].get("architecture")
+    if built is not None and trainer.architecture is not None and built != trainer.architecture:
+        changed = sorted(k for k in {**built, **trainer.architecture}
+                         if built.get(k) != trainer.architecture.get(k))  # fmt: skip
+        raise StoreError(
+            f"{store.path} was trained with another model ({', '.join(changed)} changed); "
+            "restore the model code and train params, or retrain with `obliviate train "
+            "--overwrite`."
+        )
+
+
+def _usable_store(cfg: Config) -> tuple[ParamStore, Trainer]:
+    """The store and trainer of a deletion: a local, complete store trained on this device class
+    (replay would not be exact on another), else one sentence."""
+    require_local(cfg.paths.store)
+    store = ParamStore.open(cfg.paths.store)
+    store.require_complete()
+    trainer = Trainer.from_config(cfg)
+    require_same_device(store, trainer, allow_inexact=False)
+    require_same_model(store, trainer)
     return store, trainer
 
 
@@ -236,6 +272,18 @@ def recover(cfg: Config, refresh: bool = True) -> list[str]:
     return done
 
 
+def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
+    """Everything a deletion checks before it journals anything, each failure one sentence: the
+    request (unknown, repeated, forgotten or unsafe ids), a local and complete store trained on
+    this device class with a model that builds here, and intact store rows and blocks where the
+    sweep will read. Returns the plan {block: ids}."""
+    require_local(cfg.paths.store)
+    plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
+    preflight(cfg, first_block=min((k for k in plan if k > 0), default=cfg.prepare.blocks + 1))
+    _usable_store(cfg)
+    return plan
+
+
 def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:
     """Forget samples by id: one crash-safe deletion, serialised with every other writer.
 
@@ -246,8 +294,7 @@ def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = Tru
     state = txn.State.of(cfg)
     with state.lock():
         recover(cfg, refresh)
-        plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # refuse first
-        preflight(cfg)  # a damaged store or block stops it before the journal
+        plan = validate(cfg, ids, force)  # refuse before anything is written
         request_id = txn.new_request_id()
         txn.journal_request(state, request_id, ids, force)
         record = execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)

@@ -35,17 +35,22 @@ RECOVER = "run `obliviate drain` to finish it (recovery runs first)"
 # --------------------------------------------------------------------------- preflight
 
 
-def preflight(cfg: Config) -> None:
-    """Refuse to go on with a damaged workspace: StoreError naming the first problem."""
+def preflight(cfg: Config, first_block: int = 1) -> None:
+    """Refuse to go on with a damaged workspace: StoreError naming the first problem.
+
+    Checks what a command reads: the store rows first_block-1..B (and the shifts covering them),
+    blocks first_block..B and the validation split. A deletion from block d passes d, so it
+    reads only what its sweep can reach; a deletion of validation samples alone passes B+1."""
     from obliviate.partition import read_manifest, verify_block
     from obliviate.store import ParamStore
 
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
-    for problem in store_chunk_problems(store):
+    for problem in store_chunk_problems(store, first_row=min(first_block, store.n_blocks) - 1):
         raise StoreError(problem)
     manifest = read_manifest(cfg.paths.blocks)
-    for k in range(1, len(manifest["blocks"]) + 1):
+    validation = [0] if "validation" in manifest else []
+    for k in validation + list(range(first_block, len(manifest["blocks"]) + 1)):
         verify_block(cfg.paths.blocks, k, manifest)
 
 
@@ -294,9 +299,9 @@ def _check_journal(cfg: Config, problems: list[str]) -> None:
     for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
         if folder.name.startswith(".tmp-"):
             problems.append(f"{folder} is an incomplete staging folder; {RECOVER} (it is dropped).")
-        elif _json(folder / "txn.json") is None or not (folder / "rows.npz").is_file():
+        elif _json(folder / "txn.json") is None or not (folder / "rows.zarr").is_dir():
             problems.append(
-                f"{folder} is a staged deletion without a readable txn.json or rows.npz; "
+                f"{folder} is a staged deletion without a readable txn.json or rows.zarr; "
                 "restore the workspace from its last DVC/git version and remove the folder."
             )
         else:

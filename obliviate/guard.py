@@ -89,9 +89,13 @@ def record_reference(cfg: Config, store, trainer) -> None:
 class Guard:
     """forget.max_accuracy_drop as a judge of candidate models (see the module docstring)."""
 
-    def __init__(self, cfg: Config, trainer, store):
+    def __init__(self, cfg: Config, trainer, store, exclude: list[str] = ()):
+        """``exclude``: validation ids the deletion removes; M' is never judged on them."""
         self.cfg, self.trainer = cfg, trainer
         self.val = validation_samples(cfg)
+        if self.val is not None and len(exclude):
+            kept = self.val.take(~np.isin(self.val.ids, list(exclude)))
+            self.val = kept if len(kept) else None
         self.reference = None
         if self.val is not None:
             ref = store.meta.get("reference")

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from obliviate.audit import Forgotten, IdHasher, read_records
+from obliviate.audit import Forgotten, IdHasher, read_records, redact
 from obliviate.config import Config
 from obliviate.errors import RequestError
 from obliviate.objectstore import require_local
@@ -44,13 +44,6 @@ def _write(folder: Path, entry: dict) -> None:
     tmp = folder / f".{path.name}.tmp"
     tmp.write_text(json.dumps(entry, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def redact(text: str, ids: list[str], hasher: IdHasher) -> str:
-    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits."""
-    for i in sorted(ids, key=len, reverse=True):
-        text = text.replace(i, f"<id:{hasher(i)[:12]}>")
-    return text
 
 
 def submit(cfg: Config, ids: list[str], force: bool = False) -> str:

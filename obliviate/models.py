@@ -126,6 +126,7 @@ def describe(
         )
     elif kind == "import":
         arch["builder"] = f"{name.replace(':', '.')}(input_shape, n_classes, **model_args)"
+        arch["source_sha256"] = _source_digest(name)  # the user's code: an edit is a new model
     else:
         arch["builder"] = f"obliviate preset {name}"
         arch["hidden"] = hidden if name == "mlp" else None
@@ -139,6 +140,18 @@ def describe(
             )
     arch["modules"] = repr(model)
     return arch
+
+
+def _source_digest(path: str) -> str | None:
+    """sha256 of the file that defines an import-path model's factory (None if it has none)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(path.partition(":")[0])  # imported by the build already
+    try:
+        return hashlib.sha256(Path(inspect.getfile(module)).read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        return None
 
 
 def _imported(

@@ -177,7 +177,13 @@ class ParamStore:
 
     # ------------------------------------------------------------------ deletions
     def install_deletion(
-        self, request_id: str, staged: Path, rows: range, shift: np.ndarray | None, fingerprint: str
+        self,
+        request_id: str,
+        staged: Path,
+        rows: range,
+        shift: np.ndarray | None,
+        fingerprint: str,
+        reference_drop: list[int] = (),
     ) -> None:
         """Install a deletion's staged rows; idempotent, so a crash can be redone.
 
@@ -186,6 +192,8 @@ class ParamStore:
         are moved into place, so installing costs renames, not a decode and re-encode.
         ``shift`` = P'_{d+t} - P_{d+t} (float64) applies lazily to rows d+t+1..B-1: they are not
         rewritten (at ResNet-50 scale that would take minutes); ``read`` adds it.
+        ``reference_drop``: validation slots that leave; the guard's reference predictions for
+        them are dropped (-1) in the same metadata write.
         """
         for name in ("params", "optimizer"):
             chunks = staged / name / "c"
@@ -198,7 +206,13 @@ class ParamStore:
         if meta.get("last_request") == request_id:  # a redo: the shifts are installed already
             return
         shifts = self._compacted_shifts(meta.get("shifts", []), rows, shift, request_id)
-        self.update_meta(shifts=shifts, fingerprint=fingerprint, last_request=request_id)
+        changes = {"shifts": shifts, "fingerprint": fingerprint, "last_request": request_id}
+        if reference_drop and "reference" in meta:
+            preds = list(meta["reference"]["val_predictions"])
+            for slot in reference_drop:
+                preds[slot] = -1
+            changes["reference"] = {**meta["reference"], "val_predictions": preds}
+        self.update_meta(**changes)
 
     def _compacted_shifts(
         self, shifts: list[dict], rows: range, shift, request_id: str

@@ -212,7 +212,10 @@ def apply(cfg: Config, request_id: str) -> dict:
     store = ParamStore.open(cfg.paths.store)
     rows = range(*txn["rows"]) if txn["rows"] else range(0)
     shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
-    store.install_deletion(request_id, folder / "rows.zarr", rows, shift, txn["fingerprint"])
+    store.install_deletion(
+        request_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
+        txn.get("reference_drop", []),
+    )  # fmt: skip
     crashpoint("after_store")
     for k in txn["blocks"]:
         staged = folder / "blocks" / block_file(int(k))
@@ -297,7 +300,8 @@ def recover(cfg: Config, run_request) -> list[str]:
         try:
             run_request(cfg, entry)
         except RequestError as exc:  # became invalid meanwhile: record why, do not retry forever
-            finish_request(state, entry["request_id"], status="refused", why=str(exc))
+            why = audit.redact(str(exc), entry["ids"], audit.IdHasher.of(cfg))
+            finish_request(state, entry["request_id"], status="refused", why=why)
             continue
         done.append(entry["request_id"])
     return done

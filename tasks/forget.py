@@ -12,12 +12,9 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from obliviate import deletion, requests
+from obliviate import deletion
 from obliviate import transaction as txn
-from obliviate.audit import Forgotten
 from obliviate.config import Config
-from obliviate.fsck import preflight
-from obliviate.objectstore import require_local
 from tasks import NO_CACHE
 
 
@@ -33,10 +30,7 @@ def recover(cfg: Config) -> list[str]:
 @task(**NO_CACHE)
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
-    require_local(cfg.paths.store)
-    plan = requests.plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
-    preflight(cfg)  # a damaged store or block stops it before the journal
-    return plan
+    return deletion.validate(cfg, ids, force)
 
 
 @task(**NO_CACHE)

@@ -41,10 +41,10 @@ def mark_running(cfg: Config, batch: inbox.Batch, deletion_id: str) -> None:
     """Before the deletion is journaled, so a crash at any point can be reconciled; and only
     once the rows and blocks the deletion reads are intact (checked after recovery, which may
     leave blocks and manifest apart for a moment): else StoreError, the requests stay queued."""
-    from obliviate.fsck import preflight
+    from obliviate.deletion import validate
 
     if batch.ids:
-        preflight(cfg)
+        validate(cfg, batch.ids, batch.force)
     inbox.mark_running(cfg, batch, deletion_id)
 
 

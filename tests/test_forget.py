@@ -286,3 +286,45 @@ def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
     assert [x["blocks"] for x in records] == [[1], [11]]  # the rest, once; nothing redone
     index = set(SampleIndex.of(cfg.paths.blocks).ids)
     assert not set(ids) & index
+
+
+def test_the_guard_never_judges_on_validation_samples_that_leave(trained):
+    cfg = trained
+    val = load_block(cfg.paths.blocks, 0)
+    ids = [str(val.ids[0]), str(load_block(cfg.paths.blocks, 5).ids[0])]
+    r = forget(cfg, ids)
+    assert r["guard"]["n"] == len(val) - 1  # judged on the split without the leaving sample
+    ref = ParamStore.open(cfg.paths.store).meta["reference"]["val_predictions"]
+    assert ref[int(val.slot[0])] == -1  # its original prediction is dropped too
+    assert all(p >= 0 for i, p in enumerate(ref) if i != int(val.slot[0]))
+
+
+def test_a_request_that_cannot_run_here_is_refused_before_the_journal(trained):
+    from obliviate.errors import ObliviateError
+
+    cfg = trained.model_copy(update={"train": trained.train.model_copy(update={"device": "cuda"})})
+    sid = str(load_block(cfg.paths.blocks, 4).ids[0])
+    with pytest.raises(ObliviateError, match="cuda"):
+        forget(cfg, [sid])
+    assert not list((cfg.paths.state / "requests").glob("*.json"))  # nothing journaled
+    assert forget(trained, [sid])["blocks"] == [4]  # and nothing left to block the next one
+
+
+def test_fsck_names_a_committed_staged_deletion_as_pending(trained):
+    import os
+    import subprocess
+    import sys
+
+    from obliviate.fsck import check
+
+    cfg = trained
+    script = "import sys; from obliviate.config import load_config; from obliviate.deletion "
+    script += "import forget; forget(load_config(sys.argv[1]), sys.argv[2:], refresh=False)"
+    sid = str(load_block(cfg.paths.blocks, 4).ids[0])
+    env = {**os.environ, "OBLIVIATE_CRASH_AT": "after_store"}  # staged and half applied
+    crashed = subprocess.run([sys.executable, "-c", script, str(cfg.root / "params.yaml"), sid],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert crashed.returncode == -9, crashed.stderr
+    problems = check(cfg)
+    assert any("is staged but not applied" in p for p in problems), problems
+    assert not any("remove the folder" in p for p in problems)

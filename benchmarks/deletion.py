@@ -209,7 +209,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--positions", choices=report.POSITIONS, nargs="+",
                         default=list(report.POSITIONS))  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=5, help="deletions per cell")
+    parser.add_argument("--repeats", type=int, default=5, help="deletions per single-sample cell")
+    parser.add_argument("--repeats-large", type=int, default=3,
+                        help="deletions per cell of more than one sample")  # fmt: skip
     parser.add_argument("--naive-seeds", type=int, default=2, help="extra naive seeds")
     parser.add_argument("--multi", type=int, default=10, help="samples for one-vs-sequential")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -226,7 +228,7 @@ def main() -> None:
         forget(cfg, report.pick(cfg, 1, "middle"), force=True, refresh=False)  # warm-up
         for n in args.sizes:
             for position in args.positions:
-                for rep in range(args.repeats):
+                for rep in range(args.repeats if n == 1 else args.repeats_large):
                     rows.append(one_deletion(cfg, n, position, rep, pristine, y))
                     print(json.dumps(rows[-1]), flush=True)
         spreads[rows[-1]["case"]] = naive_seed_spread(cfg, pristine, args.naive_seeds, y)

@@ -11,6 +11,7 @@ commit and the params.yaml digest it was measured at, so a table cannot silently
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
+    """The commit measured: HEAD now (+ a note when obliviate/ or params.yaml differ from it), or
+    OBLIVIATE_BENCH_COMMIT, which `make bench` sets when it starts so that a long run names the
+    commit it started from."""
+    if os.environ.get("OBLIVIATE_BENCH_COMMIT"):
+        return os.environ["OBLIVIATE_BENCH_COMMIT"]
+
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return done.stdout.strip()

@@ -9,6 +9,7 @@ import once, not a subprocess per deletion. Every failure is a VersioningError (
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -63,6 +64,7 @@ def _dvc_commit(root: Path, stages: list[str]) -> None:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # not "Updating lock file" on our output
     try:
         with Repo(str(root)) as repo:
             for stage in stages:

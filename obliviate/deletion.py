@@ -275,11 +275,12 @@ def recover(cfg: Config, refresh: bool = True) -> list[str]:
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Everything a deletion checks before it journals anything, each failure one sentence: the
     request (unknown, repeated, forgotten or unsafe ids), a local and complete store trained on
-    this device class with a model that builds here, and intact store rows and blocks where the
-    sweep will read. Returns the plan {block: ids}."""
+    this device class with a model that builds here, and an intact store and blocks: all of
+    them, not only what the sweep reads, since the deletion versions the whole workspace with
+    DVC and must not record a damaged file as the new version. Returns the plan {block: ids}."""
     require_local(cfg.paths.store)
     plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
-    preflight(cfg, first_block=min((k for k in plan if k > 0), default=cfg.prepare.blocks + 1))
+    preflight(cfg)
     _usable_store(cfg)
     return plan
 

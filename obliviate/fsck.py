@@ -35,22 +35,21 @@ RECOVER = "run `obliviate drain` to finish it (recovery runs first)"
 # --------------------------------------------------------------------------- preflight
 
 
-def preflight(cfg: Config, first_block: int = 1) -> None:
+def preflight(cfg: Config) -> None:
     """Refuse to go on with a damaged workspace: StoreError naming the first problem.
 
-    Checks what a command reads: the store rows first_block-1..B (and the shifts covering them),
-    blocks first_block..B and the validation split. A deletion from block d passes d, so it
-    reads only what its sweep can reach; a deletion of validation samples alone passes B+1."""
+    Checks every store row's chunks (present, CRC32C right, read straight from the stored bytes),
+    the shifts, every block and the validation split against the manifest's sha256."""
     from obliviate.partition import read_manifest, verify_block
     from obliviate.store import ParamStore
 
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
-    for problem in store_chunk_problems(store, first_row=min(first_block, store.n_blocks) - 1):
+    for problem in store_chunk_problems(store):
         raise StoreError(problem)
     manifest = read_manifest(cfg.paths.blocks)
     validation = [0] if "validation" in manifest else []
-    for k in validation + list(range(first_block, len(manifest["blocks"]) + 1)):
+    for k in validation + list(range(1, len(manifest["blocks"]) + 1)):
         verify_block(cfg.paths.blocks, k, manifest)
 
 

@@ -247,12 +247,13 @@ def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
         return {**done[-1], "sweeps": done}
     if plan is None or len(ids) < len(entry["ids"]):
         plan = plan_deletion(ids, cfg.paths.blocks, gone, force)
-    groups = plan_sweeps(plan, expected_tail(cfg))
+    tail = expected_tail(cfg)
+    groups = plan_sweeps(plan, tail)
     if len(groups) == 1:
         compute(cfg, request_id, ids, force, plan)
         record = txn.apply(cfg, request_id)
         return {**record, "sweeps": [record]}
-    outline = {"request": request_id, "expected_tail": expected_tail(cfg),
+    outline = {"request": request_id, "expected_tail": tail,
                "sweeps": [sorted(g) for g in groups]}  # fmt: skip
     records = []
     for part, group in enumerate(groups, start=1):

@@ -380,7 +380,10 @@ def serve(
 
     schedule = cron or cfg.serve.cron
     if not five_field_cron(schedule):
-        raise ObliviateError(f"--cron {schedule!r} must have 5 fields, e.g. '*/15 * * * *'.")
+        raise ObliviateError(
+            f"--cron {schedule[:40]!r} must be a 5-field cron schedule with valid values, "
+            "e.g. '*/15 * * * *'."
+        )
     if not PREFECT_API_URL.value():
         raise ObliviateError(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "

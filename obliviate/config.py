@@ -229,8 +229,11 @@ class ForgetConfig(_Section):
 
 
 def five_field_cron(expr: str) -> bool:
-    """A cron schedule Prefect accepts has five fields (minute hour day month weekday)."""
-    return len(expr.split()) == 5
+    """A cron schedule Prefect accepts: five fields (minute hour day month weekday), each with
+    values in range (croniter parses it)."""
+    from croniter import croniter
+
+    return len(expr.split()) == 5 and croniter.is_valid(expr)
 
 
 class ServeConfig(_Section):
@@ -241,7 +244,10 @@ class ServeConfig(_Section):
     @classmethod
     def _five_fields(cls, v: str) -> str:
         if not five_field_cron(v):
-            raise ValueError("serve.cron must have 5 fields, e.g. '*/15 * * * *'")
+            raise ValueError(
+                f"serve.cron {v[:40]!r} is not a 5-field cron schedule with valid values, "
+                "e.g. '*/15 * * * *'"
+            )
         return v
 
 

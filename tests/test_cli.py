@@ -44,8 +44,10 @@ def test_info_without_store_is_a_clear_error(tmp_path):
 def test_serve_refuses_a_bad_schedule_and_a_missing_server_in_one_sentence(tmp_path):
     params = str(write_params(tmp_path))
     bad = run_cli("serve", "--cron", "every minute", "--params", params)
-    assert bad.returncode == 2 and "must have 5 fields" in bad.stderr
+    assert bad.returncode == 2 and "must be a 5-field cron schedule" in bad.stderr
+    out_of_range = run_cli("serve", "--cron", "99 * * * *", "--params", params)  # 5 fields
+    assert out_of_range.returncode == 2 and "with valid values" in out_of_range.stderr
     no_server = run_cli("serve", "--params", params)  # PREFECT_API_URL unset: ephemeral only
     assert no_server.returncode == 2 and "needs a Prefect server" in no_server.stderr
-    for r in (bad, no_server):
+    for r in (bad, out_of_range, no_server):
         assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr

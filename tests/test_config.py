@@ -76,3 +76,9 @@ def test_the_guard_needs_a_validation_split(tmp_path):
         write_params(tmp_path, prepare={"val_fraction": 0.0}, forget={"max_accuracy_drop": None})
     )
     assert cfg.forget.max_accuracy_drop is None
+
+
+@pytest.mark.parametrize("cron", ["*/15 * *", "99 * * * *", "0 25 * * *", "a b c d e"])
+def test_a_cron_schedule_is_parsed_not_only_counted(tmp_path, cron):
+    with pytest.raises(ConfigError, match="not a 5-field cron schedule with valid values"):
+        load_config(write_params(tmp_path, serve={"cron": cron}))

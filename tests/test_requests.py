@@ -86,3 +86,12 @@ def test_request_files(tmp_path):
     bad.write_text(json.dumps({"sample": "digits:1"}) + "\n")
     with pytest.raises(RequestError, match=r"bad.jsonl:1 has no sample id"):
         read_request_file(bad)
+
+
+def test_messages_show_long_and_multiline_ids_in_one_short_line(prepared):
+    forgotten = Forgotten.of(prepared)
+    for sid in ("x" * 10_000, "digits:1\n", "digits:\u00e9\x00"):
+        with pytest.raises(RequestError) as err:
+            plan_deletion([sid], prepared.paths.blocks, forgotten)
+        message = str(err.value)
+        assert "\n" not in message and len(message) < 300, message

@@ -214,3 +214,16 @@ def test_concurrent_deletions_are_serialised_and_a_killed_holder_blocks_no_one(w
     state = final_state(ws)
     assert len(state["models"]) == 3 and third not in state["ids"]
     assert "up to date" in state["dvc"]
+
+
+def test_a_params_typo_before_dvc_repro_loses_nothing_dvc_checkout_cannot_restore(workspace):
+    ws = workspace
+    original = (ws / "metrics" / "original.json").read_bytes()
+    good = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(good.replace("  epochs:", "  epoch:", 1))  # a typo
+    failed = sh(ws, str(BIN / "dvc"), "repro", check=False)
+    assert failed.returncode != 0 and "epoch" in failed.stderr + failed.stdout
+    (ws / "params.yaml").write_text(good)
+    sh(ws, str(BIN / "dvc"), "checkout")  # what the README says to run
+    assert (ws / "metrics" / "original.json").read_bytes() == original
+    assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout

@@ -9,6 +9,7 @@ import once, not a subprocess per deletion. Every failure is a VersioningError (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -66,7 +67,8 @@ def _dvc_commit(root: Path, stages: list[str]) -> None:
 
     logging.getLogger("dvc").setLevel(logging.WARNING)  # not "Updating lock file" on our output
     try:
-        with Repo(str(root)) as repo:
+        # DVC resolves targets and paths against the working directory: work from the project
+        with contextlib.chdir(root), Repo(str(root)) as repo:
             for stage in stages:
                 repo.commit(stage, force=True)
     except DvcException as exc:

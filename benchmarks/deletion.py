@@ -216,7 +216,13 @@ def main() -> None:
     parser.add_argument("--multi", type=int, default=10, help="samples for one-vs-sequential")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' tables")
+    parser.add_argument("--tables-from", type=Path, nargs="+", metavar="FILE",
+                        help="measure nothing: write the tables from the rows of earlier runs "
+                        "(their deletion.json, or the JSON lines they printed)")  # fmt: skip
+    parser.add_argument("--measured-by", help="with --tables-from: the commands that measured")
     args = parser.parse_args()
+    if args.tables_from:
+        return write_tables(*rows_from(args.tables_from), args.measured_by, args.no_docs)
     rows, multi, spreads = [], [], {}
     for name in args.case or list(CASES):
         workdir = args.out / f"deletion-{name}"
@@ -238,13 +244,33 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"grid": rows, "naive_seed_accuracies": spreads, "multi": multi}
     (args.out / "deletion.json").write_text(json.dumps(result, indent=1))
+    command = "python " + " ".join(["benchmarks/deletion.py", *sys.argv[1:]])
+    write_tables(rows, spreads, multi, command, args.no_docs)
+
+
+def rows_from(files: list[Path]) -> tuple[list, dict, list]:
+    """Grid rows, naive seed accuracies and planner rows from earlier runs' outputs."""
+    rows, spreads, multi = [], {}, []
+    for f in files:
+        text = f.read_text()
+        if f.suffix == ".json":
+            result = json.loads(text)
+            rows += result["grid"]
+            spreads |= result["naive_seed_accuracies"]
+            multi += result["multi"]
+        else:  # a log: the rows the run printed as it went
+            rows += [json.loads(line) for line in text.splitlines()
+                     if line.startswith("{") and '"rep"' in line]  # fmt: skip
+    return rows, spreads, multi
+
+
+def write_tables(rows, spreads, multi, command: str, no_docs: bool) -> None:
     tables = {"deletion-grid": grid_markdown(rows, spreads), "deletion-guard": guard_markdown(rows)}
     if multi:
         tables["deletion-multi"] = multi_markdown(multi)
-    command = "python " + " ".join(["benchmarks/deletion.py", *sys.argv[1:]])
     for key, table in tables.items():
         print(table, "\n")
-        if not args.no_docs:
+        if not no_docs:
             stamp.write(DOC, key, table, command)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def main() -> None:
     from obliviate.store import ParamStore
     from obliviate.train import Trainer, stored_training
 
+    shutil.rmtree(args.out, ignore_errors=True)  # a fresh workspace: no audit of an earlier run
     cfg = config(args.data, args.out / "ws", args.device, args.smoke)
     report.build(cfg)  # partition and a first stored training (warm-up: CUDA context, kernels)
     trainer = Trainer.from_config(cfg)

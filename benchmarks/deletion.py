@@ -46,12 +46,6 @@ from obliviate.train import Trainer, stored_training
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
 def unguarded_accuracy(cfg, ids: list[str], y: np.ndarray) -> float:
     """Test accuracy of the stitch the guard refused: the same sweep with no guard."""
     plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force=True)
@@ -65,11 +59,11 @@ def one_deletion(cfg, n: int, position: str, rep: int, pristine: Path, y) -> dic
     report.restore(cfg, pristine)
     ids = report.pick(cfg, n, position, skip=rep * n)
     refused_acc = None
-    record, wall = timed(forget, cfg, ids, force=True, refresh=False)
+    record, wall = report.timed(forget, cfg, ids, force=True, refresh=False)
     trainer = Trainer.from_config(cfg)
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
     p_unl = predictions(cfg, trainer, served)
-    naive, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
+    naive, naive_s = report.timed(stored_training, naive_config(cfg), overwrite=True)
     p_naive = predictions(cfg, trainer, naive.read_params(naive.n_blocks))
     if record["guard_rejections"]:
         report.restore(cfg, pristine)
@@ -164,7 +158,7 @@ def multi_vs_sequential(cfg, n: int, pristine: Path, y, close: bool) -> dict:
         blocks = sorted(np.random.default_rng(0).choice(cfg.prepare.blocks, n, replace=False) + 1)
     report.restore(cfg, pristine)
     ids = [str(load_block(cfg.paths.blocks, int(k)).ids[0]) for k in blocks]
-    one, one_s = timed(forget, cfg, ids, refresh=False)
+    one, one_s = report.timed(forget, cfg, ids, refresh=False)
     theta_one = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
     report.restore(cfg, pristine)
     t0 = time.perf_counter()

@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +59,6 @@ def config(data: Path, work: Path, device: str, smoke: bool):
     return load_config(work / "params.yaml")
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prepare", type=Path, help="write the image set here and stop")
@@ -103,14 +96,14 @@ def main() -> None:
         for k in range(1, trainer.n_blocks + 1):
             theta, opt = trainer.run_block(k, theta, opt)
 
-    _, plain_s = timed(plain, cfg)
-    _, stored_s = timed(stored_training, cfg, overwrite=True)
+    _, plain_s = report.timed(plain, cfg)
+    _, stored_s = report.timed(stored_training, cfg, overwrite=True)
     pristine = args.out / "pristine"
     report.snapshot(cfg, pristine)
     y = load_samples(cfg.paths.test).y
-    record, deletion_s = timed(forget, cfg, report.pick(cfg, 1, "middle"), refresh=False)
+    record, deletion_s = report.timed(forget, cfg, report.pick(cfg, 1, "middle"), refresh=False)
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    naive, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
+    naive, naive_s = report.timed(stored_training, naive_config(cfg), overwrite=True)
     acc = {
         "served": float((predictions(cfg, trainer, served) == y).mean()),
         "naive": float((predictions(cfg, trainer, naive.read_params(naive.n_blocks)) == y).mean()),

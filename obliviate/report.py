@@ -102,7 +102,8 @@ def l1(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).sum())
 
 
-def _timed(fn, *args, **kwargs):
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its wall time in seconds)."""
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
@@ -133,9 +134,9 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
                     update={"forget": cfg.forget.model_copy(update={"epsilon": eps})}
                 )
                 ids = pick(cfg, n, position)
-                record, deletion_s = _timed(forget, run_cfg, ids, force=True, refresh=False)
+                record, deletion_s = timed(forget, run_cfg, ids, force=True, refresh=False)
                 if naive is None:  # naive does not depend on epsilon
-                    store, naive_s = _timed(stored_training, naive_config(cfg), overwrite=True)
+                    store, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
                     naive = store.read(store.n_blocks)[0]
                     p_naive = predictions(cfg, trainer, naive)
                 unlearned = ParamStore.open(cfg.paths.store).read(cfg.prepare.blocks)[0]
@@ -176,10 +177,10 @@ def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
     plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg))
     forget(cfg, pick(cfg, 1, "first"), force=True, refresh=False)  # warm-up
     restore(cfg, pristine)
-    _, obl_s = _timed(forget, cfg, ids, refresh=False)
+    _, obl_s = timed(forget, cfg, ids, refresh=False)
     store = ParamStore.open(cfg.paths.store)
-    p_obl, predict_s = _timed(predictions, cfg, trainer, store.read(store.n_blocks)[0])
-    naive, naive_s = _timed(stored_training, naive_config(cfg), overwrite=True)
+    p_obl, predict_s = timed(predictions, cfg, trainer, store.read(store.n_blocks)[0])
+    naive, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
     p_naive = predictions(cfg, trainer, naive.read(naive.n_blocks)[0])
     base = {"dataset": cfg.prepare.dataset, "model": cfg.train.model, "B": cfg.prepare.blocks}
     rows = [
@@ -197,7 +198,7 @@ def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
         sisa = train_sisa(trainer, shards)
         sisa_s = forget_sisa(trainer, sisa, plan)
         n_classes = trainer.info.n_classes
-        pred, s = _timed(vote, trainer, sisa, test.x, n_classes, cfg.evaluate.batch_size)
+        pred, s = timed(vote, trainer, sisa, test.x, n_classes, cfg.evaluate.batch_size)
         rows.append({
             **base, "method": f"SISA S={shards} R={sisa.slices}",
             "accuracy": float((pred == test.y).mean()), "retrain_s": sisa_s,

@@ -1,7 +1,9 @@
-"""The drain flow: forget every queued deletion request in one sweep.
+"""The forget flow: every deletion request, direct or queued, runs through it.
 
-`obliviate serve` runs it as a Prefect deployment on a cron schedule; `obliviate drain` runs it
-once. Its only parameter is the path of params.yaml, so the Prefect database holds no sample id.
+`obliviate forget` queues its ids and runs it for that one request; `obliviate drain` runs it
+for every queued request; `obliviate serve` runs it as a Prefect deployment on a cron schedule.
+Its parameters are the path of params.yaml and a request id, so the Prefect database holds no
+sample id.
 """
 
 from __future__ import annotations
@@ -11,35 +13,22 @@ from pathlib import Path
 from prefect import flow
 
 from obliviate.config import load_config
-from obliviate.transaction import State, new_request_id
-from tasks import forget as f
-from tasks import inbox as t
+from tasks import forget as t
 
 
 @flow(name="drain-inbox")
-def drain_flow(params: str = "params.yaml") -> dict:
+def drain_flow(params: str = "params.yaml", request: str | None = None) -> dict:
     cfg = load_config(Path(params))
-    record, finished = None, []
-    with State.of(cfg).lock():  # one writer at a time; an OS lock, freed if we are killed
-        t.preflight(cfg)
-        f.recover(cfg)
-        t.reconcile(cfg)
-        batch = t.claim(cfg)
-        if batch.ids:
-            deletion_id = new_request_id()
-            t.mark_running(cfg, batch, deletion_id)
-            f.journal(cfg, batch.ids, batch.force, deletion_id)
-            record = f.execute(cfg, deletion_id, batch.ids, batch.force)
-        finished = t.mark_done(cfg, batch)  # incl. requests whose ids were forgotten meanwhile
-        if record is not None:  # the requests are done; the metrics follow, once per batch
-            record["test_accuracy_after"] = f.refresh_metrics(cfg, deletion_id)["accuracy"]
-    if record is not None:
-        for r in record["sweeps"]:
-            f.report(cfg, r)
-        f.publish(cfg, record)
-    t.publish(cfg, batch, finished)
+    out = t.drain(cfg, request)  # under the writer lock; the metrics follow, once per drain
+    if out.record is not None:  # evidence for people, after the commit
+        for r in out.record["sweeps"]:
+            t.report(cfg, r)
+        t.publish(cfg, out.record)
+    t.summarize(cfg, out)
     return {
-        "deletion": None if record is None else deletion_id,
-        "done": [e["request_id"] for e in finished],
-        "refused": [e["request_id"] for e in batch.refused],
+        "deletion": None if out.record is None else out.record["request_id"],
+        "record": out.record,
+        "recovered": out.recovered,
+        "done": [e["request_id"] for e in out.done],
+        "refused": [e["request_id"] for e in out.refused],
     }

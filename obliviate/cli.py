@@ -220,20 +220,34 @@ def forget(
     force: ForceOpt = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Forget samples by id: retrain from their block with the residual-memory stop, stitch."""
+    """Forget samples by id now: retrain from their block with the residual-memory stop, stitch.
+
+    The ids are queued like `obliviate request` does (so Prefect sees a request id, never a
+    sample id) and the forget flow drains that one request at once."""
     import time
 
+    from obliviate import inbox
     from obliviate.errors import RequestError
 
     wanted = _requested(ids, file)
     if not wanted:
         raise RequestError("name the sample ids to forget, or pass --file requests.jsonl.")
     cfg, _ = _setup(params)
-    import flows.forget
+    import flows.drain
 
     start = time.perf_counter()
-    r = flows.forget.forget_flow(cfg, wanted, force)
-    typer.echo(_deletion_lines(cfg, r, len(wanted), time.perf_counter() - start))
+    request_id = inbox.submit(cfg, wanted, force)  # refuses bad ids before anything is written
+    r = flows.drain.drain_flow(str(params.resolve()), request_id)
+    seconds = time.perf_counter() - start
+    entry = inbox.get(cfg, request_id)
+    if entry["status"] == "refused":
+        raise RequestError(entry["reason"])
+    if r["record"] is not None:
+        typer.echo(_deletion_lines(cfg, r["record"], len(wanted), seconds))
+    else:  # a deletion that recovery finished had forgotten them already
+        by = ", ".join(r["recovered"]) or entry.get("deletion") or "an earlier deletion"
+        typer.echo(f"forgot {len(wanted)} sample(s) in {seconds:.1f} s: done by {by}, which a "
+                   "crash had interrupted and this run finished")  # fmt: skip
 
 
 def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
@@ -357,6 +371,7 @@ def drain(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo(
         f"drained: {len(r['done'])} request(s) done"
         + (f" by deletion {r['deletion']}" if r["deletion"] else "")
+        + (f" (finished after a crash: {', '.join(r['recovered'])})" if r["recovered"] else "")
         + f", {len(r['refused'])} refused"
     )
 

@@ -1,7 +1,8 @@
 """A deletion end to end: validate, journal, retrain with the stop rule, stage, apply, refresh.
 
-The Prefect forget flow runs the same steps as tasks; ``forget`` here is the plain-Python path
-(used by recovery and the tests).
+``drain`` is the one orchestration of deletion requests; the Prefect flow (flows/drain.py) runs
+it for `obliviate forget`, `obliviate drain` and the scheduled deployment, and ``forget`` runs it
+in-process (the benchmarks and tests).
 """
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from obliviate import inbox, versioning
 from obliviate import transaction as txn
-from obliviate import versioning
 from obliviate.audit import Forgotten, IdHasher, file_digest, read_records, redact
 from obliviate.config import Config
-from obliviate.errors import ObliviateError, StoreError
+from obliviate.errors import ObliviateError, RequestError, StoreError
 from obliviate.evaluate import accuracy
 from obliviate.faults import crashpoint
 from obliviate.forget import sweep
@@ -286,23 +288,76 @@ def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     return plan
 
 
-def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:
-    """Forget samples by id: one crash-safe deletion, serialised with every other writer.
+@dataclass
+class Drained:
+    """What one drain did: deletions a crash had interrupted and it finished, the requests it
+    finished (with those a killed drain left running), the ones it refused, and the record of
+    the deletion it ran (``None`` if nothing was left to forget). Ids appear only as counts."""
 
-    Returns the audit record once the new state is committed (with the refreshed test accuracy
-    unless ``refresh`` is off); ``report`` draws its plot.
-    """
-    require_local(cfg.paths.store)  # before anything is journaled
+    recovered: list[str] = field(default_factory=list)
+    done: list[dict] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+    record: dict | None = None
+
+
+def drain(cfg: Config, request: str | None = None, refresh: bool = True) -> Drained:
+    """Forget queued deletion requests: every one, or only ``request``. The one orchestration of
+    a deletion: `obliviate forget` (which queues its ids and drains that request), `obliviate
+    drain` and the scheduled deployment all run it, through the Prefect flow.
+
+    Under the writer lock: finish what a crash interrupted, settle requests a killed drain left
+    running, claim the queued requests, check everything a deletion needs (else one sentence and
+    the requests stay queued; a named ``request`` is withdrawn, so nothing of it stays), mark
+    them running, journal one deletion for their ids, execute it (one transaction per planned
+    sweep), mark them done; then refresh the test metric and the verdict once. A failure's
+    message names ids only by their keyed hash: it may end up in Prefect's database."""
     state = txn.State.of(cfg)
+    out = Drained()
+    require_local(cfg.paths.store)
     with state.lock():
-        recover(cfg, refresh)
-        plan = validate(cfg, ids, force)  # refuse before anything is written
-        request_id = txn.new_request_id()
-        txn.journal_request(state, request_id, ids, force)
-        record = execute(cfg, {"request_id": request_id, "ids": ids, "force": force}, plan)
-        if refresh:
-            record["test_accuracy_after"] = refresh_metrics(cfg, request_id)["accuracy"]
-        return record
+        batch = None
+        try:
+            inbox.preflight(cfg)
+            out.recovered = recover(cfg, refresh=False)
+            settled = inbox.reconcile(cfg)  # requests a killed drain left running
+            out.done = [e for e in settled if e["status"] == "done"]
+            out.refused = [e for e in settled if e["status"] == "refused"]
+            batch = inbox.claim(cfg, only=request)
+            out.refused += batch.refused
+            if batch.ids:
+                plan = validate(cfg, batch.ids, batch.force)
+                deletion_id = txn.new_request_id()
+                inbox.mark_running(cfg, batch, deletion_id)
+                txn.journal_request(state, deletion_id, batch.ids, batch.force)
+                out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
+                                           "force": batch.force}, plan)  # fmt: skip
+            out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
+        except ObliviateError as exc:
+            if request is not None:
+                inbox.withdraw(cfg, request)  # only while it is still queued
+            ids = batch.ids if batch is not None else []
+            raise type(exc)(redact(str(exc), ids, IdHasher.of(cfg))) from None
+        if refresh and (out.record is not None or out.recovered):
+            after = out.record["request_id"] if out.record else out.recovered[-1]
+            accuracy = refresh_metrics(cfg, after)["accuracy"]
+            if out.record is not None:
+                out.record["test_accuracy_after"] = accuracy
+    return out
+
+
+def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:
+    """Forget samples by id now, in this process: queue them and drain that request (what
+    `obliviate forget` does through the Prefect flow). Returns the deletion's audit record;
+    ``report`` draws its plot."""
+    request = inbox.submit(cfg, ids, force)
+    out = drain(cfg, request, refresh)
+    entry = inbox.get(cfg, request)
+    if entry["status"] == "refused":
+        raise RequestError(entry["reason"])
+    if out.record is None:  # its ids were forgotten by a deletion that recovery finished
+        done = [r for r in read_records(cfg.paths.audit) if r["request_id"] in out.recovered]
+        return {**done[-1], "sweeps": done}
+    return out.record
 
 
 def report(cfg: Config, record: dict) -> Path | None:

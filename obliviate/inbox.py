@@ -124,14 +124,15 @@ def _journal_entry(cfg: Config, deletion_id: str | None) -> dict:
     return json.loads(path.read_text()) if deletion_id and path.is_file() else {}
 
 
-def claim(cfg: Config) -> Batch:
-    """Validate queued requests in order; refuse the ones that cannot go (with the reason) and
-    batch the rest. A request that is fine alone but not together with the earlier ones (e.g.
-    both would empty one block) is refused: first come, first served."""
+def claim(cfg: Config, only: str | None = None) -> Batch:
+    """Validate queued requests in order (every one, or ``only`` that one); refuse the ones that
+    cannot go (with the reason) and batch the rest. A request that is fine alone but not
+    together with the earlier ones (e.g. both would empty one block) is refused: first come,
+    first served."""
     accepted, refused, ids, force = [], [], [], False
     gone = Forgotten.of(cfg)
     for e in entries(cfg):
-        if e["status"] != "queued":
+        if e["status"] != "queued" or only not in (None, e["request_id"]):
             continue
         new = [i for i in e["ids"] if i not in set(ids) and i not in gone]
         if not new:  # every id already forgotten (by another request meanwhile): done
@@ -152,6 +153,14 @@ def claim(cfg: Config) -> Batch:
         ids += new
         force = force or e["force"]
     return Batch(accepted, refused, ids, force)
+
+
+def withdraw(cfg: Config, request_id: str) -> None:
+    """Remove a request that is still queued (a direct `forget` that could not start): nothing
+    of it stays, raw ids included."""
+    path = inbox_dir(cfg) / f"{request_id}.json"
+    if path.is_file() and json.loads(path.read_text())["status"] == "queued":
+        path.unlink()
 
 
 def _fine_alone(cfg: Config, ids: list[str], force: bool) -> bool:

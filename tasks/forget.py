@@ -1,5 +1,6 @@
-"""Tasks of the forget flow. Parameters are sample ids and request ids, never sample contents
-(Prefect keeps parameters in its database)."""
+"""Tasks of the forget flow (flows/drain.py). Parameters, logs and artifacts carry request ids,
+deletion ids and counts, never a sample id or sample content (Prefect keeps them in its
+database)."""
 
 from __future__ import annotations
 
@@ -13,57 +14,26 @@ from prefect.artifacts import (
 )
 
 from obliviate import deletion
-from obliviate import transaction as txn
 from obliviate.config import Config
 from tasks import NO_CACHE
 
 
 @task(**NO_CACHE)
-def recover(cfg: Config) -> list[str]:
-    """Finish deletions a crash interrupted, before anything new starts."""
-    done = deletion.recover(cfg)
-    if done:
-        get_run_logger().warning("recovered interrupted deletion(s): %s", ", ".join(done))
-    return done
-
-
-@task(**NO_CACHE)
-def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
-    """Refuse unknown, duplicated, already forgotten or unsafe requests before anything changes."""
-    return deletion.validate(cfg, ids, force)
-
-
-@task(**NO_CACHE)
-def journal(cfg: Config, ids: list[str], force: bool, request_id: str | None = None) -> str:
-    request_id = request_id or txn.new_request_id()
-    txn.journal_request(txn.State.of(cfg), request_id, ids, force)
-    get_run_logger().info("request %s accepted: %d sample(s)", request_id, len(ids))
-    return request_id
-
-
-@task(**NO_CACHE)
-def execute(cfg: Config, request_id: str, ids: list[str], force: bool) -> dict:
-    """Retrain with the residual-memory stop, stitch, judge, stage and apply: one transaction
-    per planned sweep (store, blocks, audit, DVC/git commit, cache purge)."""
-    entry = {"request_id": request_id, "ids": ids, "force": force}
-    record = deletion.execute(cfg, entry)
-    for r in record["sweeps"]:
-        get_run_logger().info(
-            "deletion %s: retrained blocks %s..%s (t=%d, %s)",
-            r["request_id"],
-            r["first_block"],
-            r["stop_block"],
-            r["t"],
-            r["reason"],
-        )
-    return record
-
-
-@task(**NO_CACHE)
-def refresh_metrics(cfg: Config, after: str) -> dict:
-    """Test accuracy and the verification verdict of the new served model, versioned; after the
-    deletion is committed, so they cannot delay or break it."""
-    return deletion.refresh_metrics(cfg, after)
+def drain(cfg: Config, request: str | None) -> deletion.Drained:
+    """Forget the queued requests (or only ``request``): recover, settle, claim, check, journal,
+    retrain with the residual-memory stop, stitch, judge, stage and apply (one transaction per
+    planned sweep: store, blocks, audit, DVC/git commit, cache purge), then refresh the metrics."""
+    out = deletion.drain(cfg, request)
+    log = get_run_logger()
+    if out.recovered:
+        log.warning("finished deletion(s) a crash interrupted: %s", ", ".join(out.recovered))
+    for e in out.refused:
+        log.warning("request %s refused: %s", e["request_id"], e["reason"])
+    for r in out.record["sweeps"] if out.record else []:
+        log.info("deletion %s: retrained blocks %s..%s (t=%d, %s)", r["request_id"],
+                 r["first_block"], r["stop_block"], r["t"], r["reason"])  # fmt: skip
+    log.info("%d request(s) done, %d refused", len(out.done), len(out.refused))
+    return out
 
 
 @task(**NO_CACHE)
@@ -112,3 +82,21 @@ def publish(cfg: Config, record: dict) -> None:
             f"{v['sentence']}",
             key="verification",
         )
+
+
+@task(**NO_CACHE)
+def summarize(cfg: Config, out: deletion.Drained) -> None:
+    """The drain's summary table: one row per request it finished or refused."""
+    from obliviate import inbox
+
+    rows = [
+        {"request": e["request_id"], "status": e["status"], "samples": e["n_samples"],
+         "deletion": e.get("deletion") or "", "reason": e.get("reason") or ""}
+        for e in [*out.done, *out.refused]
+    ]  # fmt: skip
+    left = inbox.counts(cfg)["queued"]
+    create_table_artifact(
+        rows or [{"request": "(inbox empty)"}],
+        key="drain-inbox",
+        description=f"drain summary; queued requests left: {left}",
+    )

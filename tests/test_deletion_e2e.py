@@ -3,6 +3,7 @@
 Slow: one template workspace is built with `dvc repro` per session and copied for each test.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FORGET, ROOT, write_params
+from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
+
+from obliviate.audit import legacy_id_hash
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -95,16 +99,9 @@ def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
     assert any("blocks" in p.parts for p in holders) and any("cache" in p.parts for p in holders)
     commits_before = int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout)
 
-    out = sh(ws, str(BIN / "obliviate"), "forget", sid)
+    out = sh(ws, str(BIN / "obliviate"), "forget", sid)  # the direct path
     assert "forgot 1 sample(s)" in out.stdout and "Delta:" in out.stdout
-
-    # no byte of the sample anywhere, .dvc/cache included
-    assert files_containing(ws, content) == []
-    # nor its id, in any encoding the workspace uses (numpy: UTF-32; JSON: UTF-8), except in
-    # Prefect's database, which keeps flow parameters (ids, by design)
-    for encoded in (sid.encode("utf-32-le"), sid.encode()):
-        assert [p for p in files_containing(ws, encoded) if ".prefect" not in p.parts] == []
-    assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
+    assert files_containing(ws, content) == []  # no byte of the sample, .dvc/cache included
     # one commit for the deletion, one for the metrics refreshed after it
     assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 2
     log = sh(ws, "git", "log", "-2", "--format=%s").stdout.splitlines()
@@ -113,12 +110,34 @@ def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
     listing = sh(ws, str(BIN / "obliviate"), "audit", "--json").stdout.splitlines()
     assert len(listing) == 1 and sid not in listing[0]
 
-    sid2, _ = unique_sample(ws, block=9)
-    # from another folder, naming params.yaml: DVC still versions this project
-    sh(ws.parent, str(BIN / "obliviate"), "forget", sid2, "--params", str(ws / "params.yaml"),
-       PREFECT_HOME=str(ws / ".prefect"))  # fmt: skip
+    sid2, content2 = unique_sample(ws, block=9)
+    # the queued path, from another folder naming params.yaml: DVC still versions this project
+    queued = sh(ws.parent, str(BIN / "obliviate"), "request", sid2, "--params",
+                str(ws / "params.yaml")).stdout.strip()  # fmt: skip
+    drained = sh(ws.parent, str(BIN / "obliviate"), "drain", "--params", str(ws / "params.yaml"),
+                 PREFECT_HOME=str(ws / ".prefect"))  # fmt: skip
+    assert "1 request(s) done" in drained.stdout and queued.startswith("req-")
     assert int(sh(ws, "git", "rev-list", "--count", "HEAD").stdout) == commits_before + 4
     assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
+    assert files_containing(ws, content2) == []
+
+    # Neither id is left anywhere: the working tree, .dvc/cache, every object in git's history
+    # (decompressed) and Prefect's database (flow parameters, logs, states, events, artifacts),
+    # in any encoding the workspace uses (numpy: UTF-32; JSON and SQLite: UTF-8).
+    history = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=ws,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    assert any(".prefect" in p.parts for p in ws.rglob("*.db"))  # Prefect's database is here
+    for gone in (sid, sid2):
+        for encoded in (gone.encode("utf-32-le"), f'"{gone}"'.encode(), f"'{gone}'".encode()):
+            assert files_containing(ws, encoded) == [] and encoded not in history
+    # and every id of the dataset, hashed without the key (plain sha256, or the old fixed-prefix
+    # form), matches no stored hash: only the key (outside git) links a hash to an id
+    stored = hashes_in(ws) | {m.decode() for m in HEX64.findall(history)}
+    unkeyed = {legacy_id_hash(i) for i in DIGITS_IDS}
+    unkeyed |= {hashlib.sha256(i.encode()).hexdigest() for i in DIGITS_IDS}
+    assert stored and not stored & unkeyed
+    assert ".obliviate" in (ws / ".gitignore").read_text()  # the key file is not in git
+
     again = sh(ws, str(BIN / "obliviate"), "forget", sid, check=False)
     assert again.returncode == 2 and "already forgotten" in again.stderr
 
@@ -131,15 +150,13 @@ forget(load_config("params.yaml"), [sys.argv[1]])
 """
 RECOVER_SCRIPT = """
 from obliviate.config import load_config
-from obliviate.deletion import recover
-from obliviate.transaction import State
-cfg = load_config("params.yaml")
-with State.of(cfg).lock(timeout=600):
-    print(recover(cfg))
+from obliviate.deletion import drain
+print(drain(load_config("params.yaml")).recovered)
 """
 
 
 def final_state(ws: Path) -> dict:
+    from obliviate import inbox
     from obliviate.config import load_config
     from obliviate.requests import SampleIndex
     from obliviate.store import ParamStore
@@ -152,6 +169,7 @@ def final_state(ws: Path) -> dict:
         "ids": sorted(SampleIndex.of(cfg.paths.blocks).ids),
         "models": [r["model_after"] for r in records],
         "staging": sorted(p.name for p in (cfg.paths.state / "staging").glob("*")),
+        "inbox": sorted(e["status"] for e in inbox.entries(cfg)),  # the request, finished once
         "dvc": sh(ws, str(BIN / "dvc"), "status").stdout.strip(),
     }
 

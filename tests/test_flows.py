@@ -32,7 +32,8 @@ def test_pipeline_flow_partitions_trains_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
-    assert metrics["checkpoint"] == SMALL["prepare"]["blocks"] and 0 < metrics["accuracy"] <= 1
+    # digits has 10 balanced classes: chance is 0.1, and even this one-epoch model is far above
+    assert metrics["checkpoint"] == SMALL["prepare"]["blocks"] and metrics["accuracy"] > 0.5
     params = zarr.open(str(tmp_path / "models" / "store.zarr"), mode="r")["params"]
     assert params.shape[0] == SMALL["prepare"]["blocks"] + 1
     info = cli("info", "--json", cwd=tmp_path)

@@ -268,7 +268,8 @@ def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
     import subprocess
     import sys
 
-    from obliviate.deletion import recover
+    from obliviate import inbox
+    from obliviate.deletion import drain
 
     cfg = trained
     ids = [str(load_block(cfg.paths.blocks, k).ids[0]) for k in (1, 11)]
@@ -281,7 +282,11 @@ def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
     assert len(read_records(cfg.paths.audit)) == 1  # the first sweep is in
     (entry,) = [json.loads(p.read_text()) for p in (cfg.paths.state / "requests").glob("*")]
     assert entry["status"] == "accepted"  # the request is not finished
-    assert recover(cfg, refresh=False) == [f"{entry['request_id']}-b1", entry["request_id"]]
+    out = drain(cfg, refresh=False)  # what `obliviate drain` (or the next forget) runs first
+    assert out.recovered == [f"{entry['request_id']}-b1", entry["request_id"]]
+    (request,) = inbox.entries(cfg)
+    assert out.done == [request] and request["status"] == "done"  # reported done, once
+    assert request["deletion"] == entry["request_id"] and "ids" not in request
     records = read_records(cfg.paths.audit)
     assert [x["blocks"] for x in records] == [[1], [11]]  # the rest, once; nothing redone
     index = set(SampleIndex.of(cfg.paths.blocks).ids)
@@ -307,7 +312,30 @@ def test_a_request_that_cannot_run_here_is_refused_before_the_journal(trained):
     with pytest.raises(ObliviateError, match="cuda"):
         forget(cfg, [sid])
     assert not list((cfg.paths.state / "requests").glob("*.json"))  # nothing journaled
+    assert not list((cfg.paths.state / "inbox").glob("*.json"))  # nor queued: withdrawn
     assert forget(trained, [sid])["blocks"] == [4]  # and nothing left to block the next one
+
+
+def test_forget_again_after_a_crash_reports_the_deletion_that_recovery_finished(trained):
+    import os
+    import subprocess
+    import sys
+
+    cfg = trained
+    sid = str(load_block(cfg.paths.blocks, 4).ids[0])
+    script = "import sys; from obliviate.config import load_config; from obliviate.deletion "
+    script += "import forget; forget(load_config(sys.argv[1]), sys.argv[2:], refresh=False)"
+    env = {**os.environ, "OBLIVIATE_CRASH_AT": "after_retrain"}  # journaled, nothing applied
+    crashed = subprocess.run([sys.executable, "-c", script, str(cfg.root / "params.yaml"), sid],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert crashed.returncode == -9, crashed.stderr
+    assert read_records(cfg.paths.audit) == []
+    r = forget(cfg, [sid], refresh=False)  # the user runs the same command again
+    (record,) = read_records(cfg.paths.audit)  # one deletion: the recovered one, not a second
+    assert r["request_id"] == record["request_id"] and r["blocks"] == [4]
+    from obliviate import inbox
+
+    assert sorted(e["status"] for e in inbox.entries(cfg)) == ["done", "done"]
 
 
 def test_fsck_names_a_committed_staged_deletion_as_pending(trained):

@@ -137,12 +137,16 @@ def test_ids_forgotten_meanwhile_make_a_request_done_not_refused(prepared):
 
 
 def test_a_refused_deletion_finishes_its_requests_as_refused(prepared):
-    rid = inbox.submit(prepared, ids_of(prepared, 2, 1))
+    [sid] = ids_of(prepared, 2, 1)
+    rid = inbox.submit(prepared, [sid])
     batch = inbox.claim(prepared)
     inbox.mark_running(prepared, batch, "del-refused")
     journal = prepared.paths.state / "requests" / "del-refused.json"
     journal.parent.mkdir(parents=True, exist_ok=True)
-    journal.write_text(json.dumps({"status": "refused", "reason": "the store is on S3"}))
+    why = f"sample {sid!r} is in a damaged block; restore data/blocks"  # a reason naming the id
+    journal.write_text(json.dumps({"status": "refused", "reason": why}))
     inbox.reconcile(prepared)
     entry = inbox.get(prepared, rid)
-    assert entry["status"] == "refused" and entry["reason"] == "the store is on S3"
+    hashed = f"<id:{IdHasher.of(prepared)(sid)[:12]}>"
+    assert entry["status"] == "refused" and entry["reason"] == why.replace(sid, hashed)
+    assert sid not in inbox.inbox_dir(prepared).joinpath(f"{rid}.json").read_text()

@@ -21,7 +21,7 @@ from obliviate.audit import Forgotten, IdHasher, file_digest, read_records, reda
 from obliviate.config import Config
 from obliviate.errors import ObliviateError, RequestError, StoreError
 from obliviate.evaluate import accuracy
-from obliviate.faults import crashpoint
+from obliviate.faults import arm_kill_timer, crashpoint
 from obliviate.forget import sweep
 from obliviate.fsck import preflight
 from obliviate.guard import Guard
@@ -315,6 +315,7 @@ def drain(cfg: Config, request: str | None = None, refresh: bool = True) -> Drai
     out = Drained()
     require_local(cfg.paths.store)
     with state.lock():
+        arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
         batch = None
         try:
             inbox.preflight(cfg)

@@ -19,6 +19,7 @@ import yaml
 
 from obliviate.config import Config
 from obliviate.errors import ObliviateError
+from obliviate.faults import crashpoint
 
 
 class VersioningError(ObliviateError):
@@ -48,6 +49,7 @@ def commit(cfg: Config, paths: list[Path], message: str) -> str:
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         return "no DVC project"
     stages = stages_writing(root, paths)
+    crashpoint("before_dvc_commit")
     if stages:
         _dvc_commit(root, stages)
     if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != 0:
@@ -56,6 +58,7 @@ def commit(cfg: Config, paths: list[Path], message: str) -> str:
     _git(root, "add", "--", *files)
     if _git(root, "diff", "--cached", "--quiet", "--", *files, check=False) == 0:
         return "dvc+git (nothing new)"
+    crashpoint("before_git_commit")
     _git(root, "commit", "--quiet", "-m", message, "--", *files)
     return "dvc+git"
 

@@ -17,9 +17,12 @@ from tasks import forget as t
 
 
 @flow(name="drain-inbox")
-def drain_flow(params: str = "params.yaml", request: str | None = None) -> dict:
+def drain_flow(
+    params: str = "params.yaml", request: str | None = None, wait: float | None = None
+) -> dict:
+    """``wait``: seconds to wait for another writer (None, the deployment: as long as it takes)."""
     cfg = load_config(Path(params))
-    out = t.drain(cfg, request)  # under the writer lock; the metrics follow, once per drain
+    out = t.drain(cfg, request, wait)  # under the writer lock; the metrics follow, once per drain
     if out.record is not None:  # evidence for people, after the commit
         for r in out.record["sweeps"]:
             t.report(cfg, r)

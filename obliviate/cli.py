@@ -29,6 +29,14 @@ ParamsOpt = Annotated[
 IdsArg = Annotated[list[str] | None, typer.Argument(help="Sample ids to forget.")]
 IdsFileOpt = Annotated[Path | None, typer.Option("--file", "-f", help="JSON-lines file of ids.")]
 ForceOpt = Annotated[bool, typer.Option(help="Allow emptying a block or removing a whole class.")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="If another deletion, drain or training holds the writer lock, wait up to this "
+        "long for it (default: fail at once, naming the holder).",
+    ),
+]  # fmt: skip
 
 
 def _requested(ids: list[str] | None, file: Path | None) -> list[str]:
@@ -218,6 +226,7 @@ def forget(
     ids: IdsArg = None,
     file: IdsFileOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Forget samples by id now: retrain from their block with the residual-memory stop, stitch.
@@ -237,7 +246,7 @@ def forget(
 
     start = time.perf_counter()
     request_id = inbox.submit(cfg, wanted, force)  # refuses bad ids before anything is written
-    r = flows.drain.drain_flow(str(params.resolve()), request_id)
+    r = flows.drain.drain_flow(str(params.resolve()), request_id, wait)
     seconds = time.perf_counter() - start
     entry = inbox.get(cfg, request_id)
     if entry["status"] == "refused":
@@ -362,12 +371,12 @@ def request(
 
 @app.command()
 @_user_errors
-def drain(params: ParamsOpt = Path("params.yaml")) -> None:
+def drain(wait: WaitOpt = 0, params: ParamsOpt = Path("params.yaml")) -> None:
     """Forget every queued request now, in one sweep (what the scheduled deployment runs)."""
     _setup(params)
     import flows.drain
 
-    r = flows.drain.drain_flow(str(params.resolve()))
+    r = flows.drain.drain_flow(str(params.resolve()), wait=wait)
     typer.echo(
         f"drained: {len(r['done'])} request(s) done"
         + (f" by deletion {r['deletion']}" if r["deletion"] else "")

@@ -300,7 +300,9 @@ class Drained:
     record: dict | None = None
 
 
-def drain(cfg: Config, request: str | None = None, refresh: bool = True) -> Drained:
+def drain(
+    cfg: Config, request: str | None = None, refresh: bool = True, wait: float | None = None
+) -> Drained:
     """Forget queued deletion requests: every one, or only ``request``. The one orchestration of
     a deletion: `obliviate forget` (which queues its ids and drains that request), `obliviate
     drain` and the scheduled deployment all run it, through the Prefect flow.
@@ -310,39 +312,45 @@ def drain(cfg: Config, request: str | None = None, refresh: bool = True) -> Drai
     the requests stay queued; a named ``request`` is withdrawn, so nothing of it stays), mark
     them running, journal one deletion for their ids, execute it (one transaction per planned
     sweep), mark them done; then refresh the test metric and the verdict once. A failure's
-    message names ids only by their keyed hash: it may end up in Prefect's database."""
-    state = txn.State.of(cfg)
-    out = Drained()
+    message names ids only by their keyed hash: it may end up in Prefect's database. ``wait``:
+    how long to wait for another writer (None: as long as it takes, 0: not at all)."""
     require_local(cfg.paths.store)
-    with state.lock():
-        arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
-        batch = None
-        try:
-            inbox.preflight(cfg)
-            out.recovered = recover(cfg, refresh=False)
-            settled = inbox.reconcile(cfg)  # requests a killed drain left running
-            out.done = [e for e in settled if e["status"] == "done"]
-            out.refused = [e for e in settled if e["status"] == "refused"]
-            batch = inbox.claim(cfg, only=request)
-            out.refused += batch.refused
-            if batch.ids:
-                plan = validate(cfg, batch.ids, batch.force)
-                deletion_id = txn.new_request_id()
-                inbox.mark_running(cfg, batch, deletion_id)
-                txn.journal_request(state, deletion_id, batch.ids, batch.force)
-                out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
-                                           "force": batch.force}, plan)  # fmt: skip
-            out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
-        except ObliviateError as exc:
-            if request is not None:
-                inbox.withdraw(cfg, request)  # only while it is still queued
-            ids = batch.ids if batch is not None else []
-            raise type(exc)(redact(str(exc), ids, IdHasher.of(cfg))) from None
-        if refresh and (out.record is not None or out.recovered):
-            after = out.record["request_id"] if out.record else out.recovered[-1]
-            accuracy = refresh_metrics(cfg, after)["accuracy"]
-            if out.record is not None:
-                out.record["test_accuracy_after"] = accuracy
+    try:
+        with txn.State.of(cfg).lock(wait):
+            arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
+            return _drain(cfg, request, refresh)
+    except ObliviateError:
+        if request is not None:
+            inbox.withdraw(cfg, request)  # only while it is still queued: never claimed
+        raise
+
+
+def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
+    out, batch = Drained(), None
+    try:
+        inbox.preflight(cfg)
+        out.recovered = recover(cfg, refresh=False)
+        settled = inbox.reconcile(cfg)  # requests a killed drain left running
+        out.done = [e for e in settled if e["status"] == "done"]
+        out.refused = [e for e in settled if e["status"] == "refused"]
+        batch = inbox.claim(cfg, only=request)
+        out.refused += batch.refused
+        if batch.ids:
+            plan = validate(cfg, batch.ids, batch.force)
+            deletion_id = txn.new_request_id()
+            inbox.mark_running(cfg, batch, deletion_id)
+            txn.journal_request(txn.State.of(cfg), deletion_id, batch.ids, batch.force)
+            out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
+                                       "force": batch.force}, plan)  # fmt: skip
+        out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
+    except ObliviateError as exc:
+        ids = batch.ids if batch is not None else []
+        raise type(exc)(redact(str(exc), ids, IdHasher.of(cfg))) from None
+    if refresh and (out.record is not None or out.recovered):
+        after = out.record["request_id"] if out.record else out.recovered[-1]
+        accuracy = refresh_metrics(cfg, after)["accuracy"]
+        if out.record is not None:
+            out.record["test_accuracy_after"] = accuracy
     return out
 
 

@@ -13,13 +13,9 @@ difference between N-process and one-process arithmetic (tests/test_distributed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-
-WRITER_BUSY = (
-    "another writer (a deletion, a drain or a training) holds the writer lock; run again when "
-    "it has finished."
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,25 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
-    from filelock import Timeout
 
     from obliviate.config import load_config
     from obliviate.errors import ObliviateError
     from obliviate.train import Parallel, stored_training
-    from obliviate.transaction import State
+    from obliviate.transaction import LockError, State
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    lock = None
+    held = contextlib.ExitStack()
     try:
         cfg = load_config(args.params)
         error = None
         if rank == 0:  # rank 0 writes the store, so it takes the writer lock deletions take
-            lock = State.of(cfg).lock(timeout=0)
             try:
-                lock.acquire()
-            except Timeout:
-                lock, error = None, WRITER_BUSY
+                held.enter_context(State.of(cfg).lock(wait=0))
+            except LockError as exc:
+                error = str(exc)
         Parallel.from_torch().agree(error)  # every rank stops, or none does
         store = stored_training(cfg, overwrite=args.overwrite)
         if rank == 0:
@@ -60,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if lock is not None:
-            lock.release()
+        held.close()
         dist.destroy_process_group()
 
 

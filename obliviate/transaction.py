@@ -3,6 +3,7 @@
     <state>/requests/<id>.json   the accepted request (ids), until it is done
     <state>/staging/<id>/        everything the deletion will write, complete before it counts
     <state>/writer.lock          one writer at a time (an OS file lock: a killed holder frees it)
+    <state>/writer.holder.json   who holds it (pid, command, since), for the one waiting
 
 A deletion is (1) journaled, (2) computed in memory (obliviate.forget.sweep), (3) staged in a
 temporary folder that is renamed into place when complete: the commit point, then (4) applied:
@@ -18,8 +19,10 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +30,25 @@ import numpy as np
 
 from obliviate import audit, versioning
 from obliviate.config import Config
-from obliviate.errors import RequestError
+from obliviate.errors import ObliviateError, RequestError
 from obliviate.faults import crashpoint
 from obliviate.partition import INDEX, MANIFEST, block_entry, block_file, read_manifest, save_npz
 from obliviate.requests import SampleIndex
+
+HOLDER = "writer.holder.json"
+
+
+class LockError(ObliviateError):
+    """Another writer holds the writer lock."""
+
+
+def _command() -> str:
+    """The holder's program, with its subcommand if it is obliviate's CLI (``obliviate
+    forget``), never other arguments: those may be sample ids."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program in ("obliviate", "cli.py") and len(sys.argv) > 1:
+        return f"obliviate {sys.argv[1][:20]}"
+    return program if program.endswith(".py") or program.isidentifier() else "python"
 
 
 @dataclass(frozen=True)
@@ -49,11 +67,50 @@ class State:
     def staging(self) -> Path:
         return self.root / "staging"
 
-    def lock(self, timeout: float = -1):
-        from filelock import FileLock
+    @contextlib.contextmanager
+    def lock(self, wait: float | None = None) -> Iterator[None]:
+        """The writer lock: one deletion, drain or training at a time. An OS lock (filelock), so
+        a killed holder frees it. When it is held, say who holds it and wait ``wait`` seconds
+        (None: as long as it takes; 0: not at all), else LockError."""
+        from filelock import FileLock, Timeout
 
         self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / "writer.lock"), timeout=timeout)
+        lock = FileLock(str(self.root / "writer.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            who = self._holder()
+            if wait == 0:
+                raise LockError(
+                    f"{who} holds the writer lock of {self.root}; run again when it has "
+                    "finished, or pass --wait SECONDS to wait for it."
+                ) from None
+            limit = "" if wait is None else f" up to {wait:g} s"
+            print(f"waiting{limit} for {who} to release the writer lock of {self.root} ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                lock.acquire(timeout=-1 if wait is None else wait)
+            except Timeout:
+                raise LockError(
+                    f"{who} still holds the writer lock of {self.root} after {wait:g} s; run "
+                    "again later or pass a longer --wait."
+                ) from None
+        holder = self.root / HOLDER
+        try:
+            write_json_atomic(holder, {"pid": os.getpid(), "since": time.strftime("%H:%M:%S"),
+                                       "command": _command()})  # fmt: skip
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
+    def _holder(self) -> str:
+        """Who holds the lock, as written when it was taken (no sample id: see _command)."""
+        try:
+            h = json.loads((self.root / HOLDER).read_text())
+            return f"`{h['command']}` (pid {h['pid']}, since {h['since']})"
+        except (OSError, ValueError, KeyError):
+            return "another obliviate process"
 
     def pending(self) -> list[dict]:
         if not self.requests.is_dir():

@@ -19,11 +19,11 @@ from tasks import NO_CACHE
 
 
 @task(**NO_CACHE)
-def drain(cfg: Config, request: str | None) -> deletion.Drained:
+def drain(cfg: Config, request: str | None, wait: float | None) -> deletion.Drained:
     """Forget the queued requests (or only ``request``): recover, settle, claim, check, journal,
     retrain with the residual-memory stop, stitch, judge, stage and apply (one transaction per
     planned sweep: store, blocks, audit, DVC/git commit, cache purge), then refresh the metrics."""
-    out = deletion.drain(cfg, request)
+    out = deletion.drain(cfg, request, wait=wait)
     log = get_run_logger()
     if out.recovered:
         log.warning("finished deletion(s) a crash interrupted: %s", ", ".join(out.recovered))

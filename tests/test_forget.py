@@ -1,6 +1,7 @@
 """Deletions through the plain-Python path (no Prefect, no DVC): the method's invariants."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,3 +357,40 @@ def test_fsck_names_a_committed_staged_deletion_as_pending(trained):
     problems = check(cfg)
     assert any("is staged but not applied" in p for p in problems), problems
     assert not any("remove the folder" in p for p in problems)
+
+
+def test_a_held_lock_names_its_holder_and_a_refused_forget_leaves_nothing(trained, capfd):
+    import os
+
+    from obliviate import inbox
+    from obliviate.deletion import drain
+    from obliviate.transaction import LockError, State
+
+    cfg = trained
+    sid = str(load_block(cfg.paths.blocks, 4).ids[0])
+
+    def files():
+        return {p.relative_to(cfg.root): p.read_bytes() for p in cfg.root.rglob("*") if p.is_file()}
+
+    before = files()
+    with State.of(cfg).lock():  # another writer, e.g. a long deletion
+        for wait, said in ((0, "holds the writer lock"), (0.3, "still holds the writer lock")):
+            rid = inbox.submit(cfg, [sid])
+            with pytest.raises(LockError, match=said) as refused:
+                drain(cfg, rid, wait=wait)
+            assert f"pid {os.getpid()}" in str(refused.value) and sid not in str(refused.value)
+            assert "--wait" in str(refused.value)
+    assert "waiting up to 0.3 s for" in capfd.readouterr().err  # visible while it waits
+    after = files()
+    after.pop(Path(".obliviate/writer.lock"))
+    assert after == before  # byte-identical: the request withdrawn, nothing journaled
+    assert read_records(cfg.paths.audit) == []
+
+
+def test_the_lock_holder_is_named_by_its_command_never_its_arguments(monkeypatch):
+    from obliviate.transaction import _command
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/obliviate", "forget", "digits:5", "digits:6"])
+    assert _command() == "obliviate forget"
+    monkeypatch.setattr("sys.argv", ["-c", "digits:5"])  # python -c SCRIPT ID
+    assert _command() == "python"

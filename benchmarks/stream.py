@@ -41,6 +41,8 @@ def workspace(name: str, folder: Path):
     (folder / "params.yaml").write_text(raw)
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
     shutil.copytree(ROOT / "obliviate", folder / "obliviate")  # dvc.yaml's code deps
+    (folder / "audit").mkdir()
+    (folder / "audit" / "deletions.jsonl").touch()  # the prepare stage reads the audit trail
     (folder / ".gitignore").write_text("/data/\n/models/\n/metrics/\n/reports/\n/.obliviate/\n"
                                        "/.prefect/\n")  # fmt: skip
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PREFECT_HOME": str(folder / ".prefect")}

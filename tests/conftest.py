@@ -41,6 +41,18 @@ def crash_after(block: int):
     return on_block
 
 
+def copy_project(folder: Path, *extra: str) -> None:
+    """What a DVC project of obliviate holds besides params.yaml: dvc.yaml, the code it depends
+    on, an empty audit trail (the prepare stage reads it), and ``extra`` items (``report``)."""
+    import shutil
+
+    for item in ("dvc.yaml", "obliviate", *extra):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, folder / item)
+    (folder / "audit").mkdir(exist_ok=True)
+    (folder / "audit" / "deletions.jsonl").touch()
+
+
 def write_params(folder: Path, **sections: dict) -> Path:
     """Copy the real params.yaml into ``folder`` with some keys replaced; return its path."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FORGET, ROOT, write_params
+from conftest import FORGET, copy_project, write_params
 from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
 
 from obliviate.audit import legacy_id_hash
@@ -49,9 +49,7 @@ def sh(ws: Path, *cmd, check=True, **extra) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("template")
-    for item in ("dvc.yaml", "obliviate"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / item)
+    copy_project(ws)
     write_params(ws, **FORGET)
     (ws / ".gitignore").write_text(
         "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"

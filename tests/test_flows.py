@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import zarr
-from conftest import ROOT, SMALL, write_params
+from conftest import SMALL, copy_project, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +26,12 @@ def cli(*args, cwd):
 
 
 def test_pipeline_flow_partitions_trains_and_evaluates(tmp_path):
-    write_params(tmp_path, **SMALL)
+    write_params(tmp_path, **{**SMALL, "train": {"epochs": 5}})  # enough steps to learn
     result = cli("run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
-    # digits has 10 balanced classes: chance is 0.1, and even this one-epoch model is far above
+    # digits has 10 balanced classes: chance is 0.1
     assert metrics["checkpoint"] == SMALL["prepare"]["blocks"] and metrics["accuracy"] > 0.5
     params = zarr.open(str(tmp_path / "models" / "store.zarr"), mode="r")["params"]
     assert params.shape[0] == SMALL["prepare"]["blocks"] + 1
@@ -50,9 +49,7 @@ def test_impossible_partition_fails_the_flow_cleanly_and_writes_nothing(tmp_path
 
 
 def test_dvc_repro_builds_the_default_pipeline(tmp_path):
-    for item in ("dvc.yaml", "report", "obliviate"):  # report/dvc.yaml: the opt-in report
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    copy_project(tmp_path, "report")
     write_params(tmp_path, **SMALL)
     env = {
         **os.environ,

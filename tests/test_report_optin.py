@@ -2,20 +2,17 @@
 it, and its cost is stated before it starts."""
 
 import os
-import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, SMALL, prepare, write_params
+from conftest import SMALL, copy_project, prepare, write_params
 
 from obliviate.config import load_config
 from obliviate.report import estimated_blocks, estimated_cost, seconds_per_block
 
 
 def test_dvc_repro_runs_the_report_when_asked(tmp_path):
-    for item in ("dvc.yaml", "report", "obliviate"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    copy_project(tmp_path, "report")
     write_params(tmp_path, **SMALL)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     dvc = os.path.join(os.path.dirname(sys.executable), "dvc")

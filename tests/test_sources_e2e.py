@@ -5,12 +5,11 @@ Slow: each test builds a DVC + git workspace and runs the CLI as a user would.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_params
+from conftest import copy_project, write_params
 from test_deletion_e2e import BIN, sh
 
 pytestmark = pytest.mark.slow
@@ -18,9 +17,7 @@ pytestmark = pytest.mark.slow
 
 def workspace(ws: Path, **params) -> Path:
     """A fresh project folder: the code dvc.yaml depends on, params.yaml, git and DVC."""
-    for item in ("dvc.yaml", "obliviate"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / item)
+    copy_project(ws)
     write_params(ws, **params)
     (ws / ".gitignore").write_text(
         "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"

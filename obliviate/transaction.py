@@ -263,15 +263,9 @@ def purge_cache(cfg: Config, md5s: list[str]) -> int:
 
 def md5s_in_use(root: Path) -> set[str]:
     """Every file hash the current dvc.lock points at, through the .dir listings."""
-    import yaml
-
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return set()
     used: set[str] = set()
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            md5 = out.get("md5", "")
+    for outs in versioning.lock_outs(root).values():
+        for _, md5 in outs:
             used.add(md5)
             listing = dvc_cache_dir(root) / md5[:2] / md5[2:]
             if md5.endswith(".dir") and listing.is_file():
@@ -292,6 +286,7 @@ def recover(cfg: Config, run_request) -> list[str]:
     """Finish what a crash interrupted; ``run_request(cfg, entry)`` re-runs a journaled request."""
     state = State.of(cfg)
     drop_incomplete(state)
+    versioning.repair_dvc_locks(cfg.root)  # a deletion killed inside DVC can leave them broken
     done = []
     for request_id in staged_ids(state):
         apply(cfg, request_id)

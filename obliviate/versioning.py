@@ -12,6 +12,9 @@ fails. ``repair_dvc_locks`` puts it right before obliviate runs DVC; it is calle
 obliviate's writer lock, so no obliviate process is inside DVC at that moment. The repo lock
 ``.dvc/tmp/lock`` needs no repair: DVC takes it as an OS file lock, which a killed holder frees
 (with ``core.hardlink_lock`` it stays, and cannot be told from a live holder's: one sentence).
+
+``purge_remote`` removes objects by hash from the project's default DVC remote, as
+`dvc gc --cloud` does (through DVC's object database for that remote: S3, GCS, a folder ...).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class VersioningError(ObliviateError):
     """DVC or git could not record the new version."""
+
+
+class RemoteError(VersioningError):
+    """The project's DVC remote could not be purged (unreachable, misconfigured)."""
 
 
 def lock_outs(root: Path) -> dict[str, list[tuple[str, str]]]:
@@ -185,6 +192,38 @@ def _gone(pid: int, since: float) -> bool:
         return True
     except psutil.Error:  # exists, not ours to inspect: assume it is a holder
         return False
+
+
+def purge_remote(root: Path, md5s: set[str]) -> int | None:
+    """Remove the objects with these md5s from the project's default DVC remote, as
+    `dvc gc --cloud` does; returns how many were there, or None without a default remote.
+    RemoteError (one sentence) when the remote cannot be configured, reached or written."""
+    if not is_dvc_project(root):
+        return None
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import get_index
+
+    name = "(default)"
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            name = repo.config["core"].get("remote")
+            if not name:
+                return None
+            if not md5s:
+                return 0
+            odb = repo.cloud.get_remote_odb(name, "obliviate purge", hash_name="md5")
+            there = list(odb.list_oids_exists(sorted(md5s)))
+            if there:
+                odb.fs.remove([odb.oid_to_path(h) for h in there])
+                get_index(odb).clear()  # DVC's cached listing of the remote: stale now
+            return len(there)
+    except Exception as exc:  # a backend's network errors have any type (botocore, gcsfs ...)
+        raise RemoteError(
+            f"DVC remote {name!r} could not be purged of superseded objects "
+            f"({type(exc).__name__}: {_first_line(exc)}); make it reachable (or fix it: `dvc "
+            "remote list`) and run `obliviate drain` or the next deletion to retry."
+        ) from None
 
 
 # --------------------------------------------------------------------------- git

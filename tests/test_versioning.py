@@ -1,5 +1,6 @@
 """Versioning through DVC in-process: DVC's lock state repaired after a kill, every DVC failure
-one sentence. A tiny git + DVC project with one stage; no training, except the recovery test."""
+one sentence, superseded objects purged from a DVC remote (a local folder here; S3 in
+test_s3.py). A tiny git + DVC project with one stage; no training, except the recovery test."""
 
 from __future__ import annotations
 
@@ -195,6 +196,52 @@ def test_a_damaged_dvc_lock_or_dvc_yaml_is_one_sentence(project):
     (cfg.root / "dvc.yaml").write_text("stages: [\n  truncated")
     with pytest.raises(VersioningError, match=r"dvc could not commit stage\(s\) make \(.*dvc.yaml"):
         new_version(cfg)
+
+
+# --------------------------------------------------------------------------- the DVC remote
+
+
+def remote_objects(folder: Path) -> set[str]:
+    return {f"{p.parent.name}{p.name}" for p in (folder / "files" / "md5").glob("*/*")}
+
+
+def test_a_local_remote_loses_superseded_objects_and_a_broken_one_is_retried(
+    project, tmp_path_factory
+):
+    cfg = project
+    remote = tmp_path_factory.mktemp("remote")
+    assert dvc(cfg, "remote", "add", "-d", "backup", str(remote)).returncode == 0
+    assert dvc(cfg, "push").returncode == 0
+    assert new_version(cfg) == "dvc+git"
+    assert dvc(cfg, "push").returncode == 0
+    assert remote_objects(remote) == {md5(V1), md5(V2)}
+
+    # v2 is what dvc.lock points at now: only v1 goes
+    got = transaction.purge_remote(cfg, [md5(V1), md5(V2)])
+    assert got == {"remote_purge": "done", "purged_remote_objects": 1}
+    assert remote_objects(remote) == {md5(V2)}
+    assert "in sync" in dvc(cfg, "status", "-c").stdout
+    assert transaction.purge_remote(cfg, [md5(V1)])["purged_remote_objects"] == 0  # idempotent
+
+    # a remote that cannot be used: the purge stays pending, and recovery finishes it
+    (remote / "files" / "md5" / md5(V1)[:2]).mkdir(exist_ok=True)
+    (remote / "files" / "md5" / md5(V1)[:2] / md5(V1)[2:]).write_bytes(V1)  # pushed earlier
+    assert dvc(cfg, "remote", "add", "-d", "-f", "backup", "ssh://127.0.0.1/x").returncode == 0
+    got = transaction.purge_remote(cfg, [md5(V1)])
+    assert got["remote_purge"] == "pending" and got["purged_remote_objects"] == 0
+    assert got["remote_purge_error"].endswith("to retry.")
+    pending = cfg.paths.state / "remote_purge.json"
+    assert json.loads(pending.read_text()) == {"md5": [md5(V1)]}
+    assert dvc(cfg, "remote", "add", "-d", "-f", "backup", str(remote)).returncode == 0
+    assert transaction.recover(cfg, run_request=None) == []
+    assert not pending.exists() and remote_objects(remote) == {md5(V2)}
+
+
+def test_without_a_remote_the_purge_says_so(project):
+    cfg = project
+    got = transaction.purge_remote(cfg, [md5(V1)])
+    assert got == {"remote_purge": "no remote", "purged_remote_objects": 0}
+    assert not (cfg.paths.state / "remote_purge.json").exists()
 
 
 # --------------------------------------------------------------------------- recovery

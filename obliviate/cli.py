@@ -282,8 +282,12 @@ def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
     plots = [str(cfg.paths.reports / f"{s['request_id']}.png") for s in sweeps if s["deltas"]]
     acc = r.get("test_accuracy_after")
     tested = f"{acc:.4f}" if acc is not None else "not refreshed (run `dvc repro evaluate`)"
+    deleted = sum(s.get("purged_remote_objects", 0) for s in sweeps)
+    remote = {"done": f"; DVC remote: {deleted} old object(s) deleted",
+              "pending": "; DVC remote: purge pending (see the warning)"}  # fmt: skip
     lines.append(
         f"  test accuracy of the unlearned model {tested}; versioned: {r['versioned']}"
+        + remote.get(r.get("remote_purge"), "")
         + (f"; plot: {', '.join(plots)}" if plots else "")
     )
     return "\n".join(lines)

@@ -4,19 +4,23 @@
     <state>/staging/<id>/        everything the deletion will write, complete before it counts
     <state>/writer.lock          one writer at a time (an OS file lock: a killed holder frees it)
     <state>/writer.holder.json   who holds it (pid, command, since), for the one waiting
+    <state>/remote_purge.json    superseded objects still to delete from the DVC remote
 
 A deletion is (1) journaled, (2) computed in memory (obliviate.forget.sweep), (3) staged in a
 temporary folder that is renamed into place when complete: the commit point, then (4) applied:
 store rows, block files, manifest, metrics, audit record, DVC/git commit, purge of superseded
-DVC cache objects. Every apply step is idempotent. On the next run ``recover`` re-applies a
-complete staging folder, drops an incomplete one and re-runs journaled requests, so SIGKILL at
-any point leaves the old state or, after recovery, the new one.
+DVC objects from the cache and from the default DVC remote. Every apply step is idempotent. On
+the next run ``recover`` re-applies a complete staging folder, drops an incomplete one and
+re-runs journaled requests, so SIGKILL at any point leaves the old state or, after recovery, the
+new one. A remote that cannot be reached does not hold a deletion back: its purge stays pending
+and recovery retries it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -35,6 +39,7 @@ from obliviate.faults import crashpoint
 from obliviate.partition import INDEX, MANIFEST, block_entry, block_file, read_manifest, save_npz
 from obliviate.requests import SampleIndex
 
+log = logging.getLogger(__name__)
 HOLDER = "writer.holder.json"
 
 
@@ -290,12 +295,13 @@ def apply(cfg: Config, request_id: str) -> dict:
     )
     crashpoint("after_commit")
     purged = purge_cache(cfg, txn["superseded_md5"])
+    remote = purge_remote(cfg, txn["superseded_md5"])
     if txn.get("last_part", True):  # before removing the redo record: a crash in between
         finish_request(state, txn.get("journal_id", request_id))
     done = state.staging / f".tmp-{request_id}"  # re-applies (a no-op), never re-runs it;
     os.replace(folder, done)  # renamed first, so a crash mid-removal leaves only a .tmp-
     shutil.rmtree(done)  # folder, which recovery drops
-    return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged}
+    return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged, **remote}
 
 
 def dvc_cache_dir(root: Path) -> Path:
@@ -320,20 +326,39 @@ def purge_cache(cfg: Config, md5s: list[str]) -> int:
 
 def md5s_in_use(root: Path) -> set[str]:
     """Every file hash the current dvc.lock points at, through the .dir listings."""
-    import yaml
-
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return set()
     used: set[str] = set()
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            md5 = out.get("md5", "")
+    for outs in versioning.lock_outs(root).values():
+        for _, md5 in outs:
             used.add(md5)
             listing = dvc_cache_dir(root) / md5[:2] / md5[2:]
             if md5.endswith(".dir") and listing.is_file():
                 used |= {entry["md5"] for entry in json.loads(listing.read_text())}
     return used
+
+
+def purge_remote(cfg: Config, md5s: list[str] = ()) -> dict:
+    """Delete superseded objects from the project's default DVC remote too (those the current
+    dvc.lock still references stay), with any an earlier try left pending.
+
+    The hashes are written to <state>/remote_purge.json first: a crash, or a remote that cannot
+    be reached, leaves them there, and recovery or the next deletion retries. Returns the
+    record's fields: ``remote_purge`` ("done", "pending" or "no remote"),
+    ``purged_remote_objects`` and, when pending, ``remote_purge_error`` (one sentence, also
+    logged as a warning). Never raises: the deletion is committed by then."""
+    if not versioning.is_dvc_project(cfg.root):
+        return {"remote_purge": "no remote", "purged_remote_objects": 0}
+    pending = State.of(cfg).root / "remote_purge.json"
+    todo = set(md5s) | set(json.loads(pending.read_text())["md5"] if pending.is_file() else [])
+    if todo:
+        write_json_atomic(pending, {"md5": sorted(todo)})
+    try:
+        n = versioning.purge_remote(cfg.root, todo - md5s_in_use(cfg.root))
+    except versioning.VersioningError as exc:
+        log.warning("%s", exc)
+        return {"remote_purge": "pending", "purged_remote_objects": 0,
+                "remote_purge_error": str(exc)}  # fmt: skip
+    pending.unlink(missing_ok=True)
+    return {"remote_purge": "no remote" if n is None else "done", "purged_remote_objects": n or 0}
 
 
 def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:
@@ -349,6 +374,7 @@ def recover(cfg: Config, run_request) -> list[str]:
     """Finish what a crash interrupted; ``run_request(cfg, entry)`` re-runs a journaled request."""
     state = State.of(cfg)
     drop_incomplete(state)
+    versioning.repair_dvc_locks(cfg.root)  # a deletion killed inside DVC can leave them broken
     done = []
     for request_id in staged_ids(state):
         apply(cfg, request_id)
@@ -361,4 +387,6 @@ def recover(cfg: Config, run_request) -> list[str]:
             finish_request(state, entry["request_id"], status="refused", why=why)
             continue
         done.append(entry["request_id"])
+    if not done and (state.root / "remote_purge.json").is_file():  # else apply retried it
+        purge_remote(cfg)
     return done

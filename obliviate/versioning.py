@@ -5,14 +5,26 @@ A deletion rewrites the outputs of some DVC stages (the blocks, the store); ``co
 exactly the stages whose outputs it names, as `dvc commit --force STAGE` would, then commits
 dvc.lock and the audit trail to git. DVC runs in this process: a long-running worker pays its
 import once, not a subprocess per deletion. Every failure is a VersioningError (one sentence).
+
+Crash safety. DVC rewrites its own lock state in place: a process killed inside `dvc commit`
+can leave ``.dvc/tmp/rwlock`` empty or naming a dead process, and every later DVC command then
+fails. ``repair_dvc_locks`` puts it right before obliviate runs DVC; it is called under
+obliviate's writer lock, so no obliviate process is inside DVC at that moment. The repo lock
+``.dvc/tmp/lock`` needs no repair: DVC takes it as an OS file lock, which a killed holder frees
+(with ``core.hardlink_lock`` it stays, and cannot be told from a live holder's: one sentence).
+
+``purge_remote`` removes objects by hash from the project's default DVC remote, as
+`dvc gc --cloud` does (through DVC's object database for that remote: S3, GCS, a folder ...).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -21,37 +33,64 @@ from obliviate.config import Config
 from obliviate.errors import ObliviateError
 from obliviate.faults import crashpoint
 
+log = logging.getLogger(__name__)
+
 
 class VersioningError(ObliviateError):
     """DVC or git could not record the new version."""
 
 
-def stages_writing(root: Path, paths: list[Path]) -> list[str]:
-    """Stages in dvc.lock (that is: that ran here) whose outputs include one of ``paths``."""
+class RemoteError(VersioningError):
+    """The project's DVC remote could not be purged (unreachable, misconfigured)."""
+
+
+def lock_outs(root: Path) -> dict[str, list[tuple[str, str]]]:
+    """{stage: [(output path, md5)]} from dvc.lock ({} without one); VersioningError when it is
+    damaged (a kill while DVC rewrote it, a bad merge)."""
     lock = root / "dvc.lock"
     if not lock.is_file():
-        return []
+        return {}
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        return {
+            name: [(os.path.normpath(o["path"]), o.get("md5", "")) for o in s.get("outs", [])]
+            for name, s in stages.items()
+        }
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise VersioningError(
+            f"{lock} is damaged ({type(exc).__name__}: {_first_line(exc)}); restore it with "
+            "`git checkout -- dvc.lock` and run the command again."
+        ) from None
+
+
+def stages_writing(root: Path, paths: list[Path]) -> list[str]:
+    """Stages in dvc.lock (that is: that ran here) whose outputs include one of ``paths``."""
     wanted = {os.path.relpath(p, root) for p in paths}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return sorted(
-        name
-        for name, stage in stages.items()
-        if wanted & {os.path.normpath(o["path"]) for o in stage.get("outs", [])}
+        name for name, outs in lock_outs(root).items() if wanted & {path for path, _ in outs}
     )
+
+
+def is_dvc_project(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
 def commit(cfg: Config, paths: list[Path], message: str) -> str:
     """DVC-commit the stages that write ``paths``; git-commit dvc.lock and the audit trail.
 
-    Returns what was versioned: "no DVC project", "dvc", "dvc+git" or "dvc+git (nothing new)"
-    (a redo after the commit already happened)."""
+    Call under obliviate's writer lock (it repairs DVC's lock state first). Returns what was
+    versioned: "no DVC project", "dvc", "dvc+git" or "dvc+git (nothing new)" (a redo after the
+    commit already happened)."""
     root = cfg.root
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+    if not is_dvc_project(root):
         return "no DVC project"
     stages = stages_writing(root, paths)
     crashpoint("before_dvc_commit")
     if stages:
-        _dvc_commit(root, stages)
+        with _dvc(root, f"commit stage(s) {', '.join(stages)}") as repo:
+            _repair(repo)
+            for stage in stages:
+                repo.commit(stage, force=True)
     if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != 0:
         return "dvc"
     files = [p for p in ("dvc.lock", os.path.relpath(cfg.paths.audit, root)) if (root / p).exists()]
@@ -63,22 +102,134 @@ def commit(cfg: Config, paths: list[Path], message: str) -> str:
     return "dvc+git"
 
 
-def _dvc_commit(root: Path, stages: list[str]) -> None:
+# --------------------------------------------------------------------------- DVC in-process
+
+
+@contextlib.contextmanager
+def _dvc(root: Path, doing: str) -> Iterator:
+    """An open DVC Repo of ``root``; whatever DVC raises becomes one VersioningError sentence."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from dvc.exceptions import DvcException
+    from dvc.lock import LockError
     from dvc.repo import Repo
+    from flufl.lock import LockError as HardlinkLockError
 
     logging.getLogger("dvc").setLevel(logging.WARNING)  # not "Updating lock file" on our output
     try:
         # DVC resolves targets and paths against the working directory: work from the project
         with contextlib.chdir(root), Repo(str(root)) as repo:
-            for stage in stages:
-                repo.commit(stage, force=True)
-    except DvcException as exc:
+            yield repo
+    except (LockError, HardlinkLockError):
         raise VersioningError(
-            f"dvc could not commit stage(s) {', '.join(stages)} ({_first_line(exc)}); "
-            "fix the DVC workspace (`dvc status`) and run the command again to finish."
+            f"dvc could not {doing}: another dvc process holds this project's lock "
+            f"({root / '.dvc' / 'tmp'}); wait for it to finish and run the command again (with "
+            "core.hardlink_lock set, a killed dvc leaves .dvc/tmp/lock or rwlock.lock behind: "
+            "remove them once no dvc process runs)."
         ) from None
+    except (DvcException, OSError) as exc:
+        raise VersioningError(
+            f"dvc could not {doing} ({_first_line(exc)}); fix the DVC workspace (`dvc status`) "
+            "and run the command again to finish."
+        ) from None
+
+
+def repair_dvc_locks(root: Path) -> list[str]:
+    """Repair DVC's lock state after a killed DVC process (see the module docstring); returns
+    what was repaired. Call under obliviate's writer lock. VersioningError when a live DVC
+    process of someone else holds a lock here."""
+    if not is_dvc_project(root):
+        return []
+    with _dvc(root, "read its lock state") as repo:
+        return _repair(repo)
+
+
+def _repair(repo) -> list[str]:
+    """Drop what a killed process left in ``.dvc/tmp/rwlock``: an unreadable file (DVC rewrites
+    it in place, a kill can leave it empty) and the entries of processes that are gone. Edited
+    under DVC's own guard of that file, as DVC edits it; written atomically."""
+    from dvc.lock import make_lock
+    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK, SCHEMA
+    from voluptuous import Invalid
+
+    tmp = Path(repo.tmp_dir)
+    path = tmp / RWLOCK_FILE
+    if not path.is_file():
+        return []
+    hardlink = repo.config["core"].get("hardlink_lock", False)
+    with make_lock(str(tmp / RWLOCK_LOCK), tmp_dir=str(tmp), hardlink_lock=hardlink):
+        since = path.stat().st_mtime  # every holder wrote its entry by then
+        try:
+            lock = SCHEMA(json.loads(path.read_bytes()))
+            repaired = []
+        except (ValueError, Invalid):  # empty, not JSON, not DVC's format
+            lock, repaired = {"read": {}, "write": {}}, [f"{path} was unreadable"]
+        holders = [*lock["write"].values(), *(i for infos in lock["read"].values() for i in infos)]
+        gone = {h["pid"] for h in holders if _gone(h["pid"], since)}
+        live = sorted({(h["pid"], h["cmd"]) for h in holders if h["pid"] not in gone})
+        if live:
+            pid, cmd = live[0]
+            raise VersioningError(
+                f"dvc process {pid} (`{cmd}`) is using this project ({path} names it); wait for "
+                "it to finish or stop it, then run the command again."
+            )
+        repaired += [f"{path} named process {pid}, which is gone" for pid in sorted(gone)]
+        if repaired:
+            fresh = path.with_name(f".{RWLOCK_FILE}.obliviate")
+            fresh.write_text(json.dumps({"read": {}, "write": {}}))  # no holder is left
+            os.replace(fresh, path)
+            log.warning("repaired DVC's lock state: %s", "; ".join(repaired))
+    return repaired
+
+
+def _gone(pid: int, since: float) -> bool:
+    """Whether process ``pid`` cannot be a holder that wrote its entry by ``since``: it is this
+    process (outside DVC while we repair), dead, a zombie, or a later process reusing the pid."""
+    import psutil
+
+    if pid == os.getpid():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > since + 2
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # exists, not ours to inspect: assume it is a holder
+        return False
+
+
+def purge_remote(root: Path, md5s: set[str]) -> int | None:
+    """Remove the objects with these md5s from the project's default DVC remote, as
+    `dvc gc --cloud` does; returns how many were there, or None without a default remote.
+    RemoteError (one sentence) when the remote cannot be configured, reached or written."""
+    if not is_dvc_project(root):
+        return None
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import get_index
+
+    name = "(default)"
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            name = repo.config["core"].get("remote")
+            if not name:
+                return None
+            if not md5s:
+                return 0
+            odb = repo.cloud.get_remote_odb(name, "obliviate purge", hash_name="md5")
+            there = list(odb.list_oids_exists(sorted(md5s)))
+            if there:
+                odb.fs.remove([odb.oid_to_path(h) for h in there])
+                get_index(odb).clear()  # DVC's cached listing of the remote: stale now
+            return len(there)
+    except Exception as exc:  # a backend's network errors have any type (botocore, gcsfs ...)
+        raise RemoteError(
+            f"DVC remote {name!r} could not be purged of superseded objects "
+            f"({type(exc).__name__}: {_first_line(exc)}); make it reachable (or fix it: `dvc "
+            "remote list`) and run `obliviate drain` or the next deletion to retry."
+        ) from None
+
+
+# --------------------------------------------------------------------------- git
 
 
 _IDENT = {

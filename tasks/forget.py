@@ -60,6 +60,8 @@ def publish(cfg: Config, record: dict) -> None:
             "model_before",
             "model_after",
             "versioned",
+            "remote_purge",
+            "remote_purge_error",
         )
         if k in record
     ]

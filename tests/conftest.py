@@ -93,3 +93,34 @@ def trained(tmp_path: Path) -> Config:
     prepare(cfg)
     stored_training(cfg)
     return cfg
+
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def dvc_project(root: Path, stages: dict[str, list[str]]) -> None:
+    """Make ``root`` a git + DVC project whose dvc.yaml has these stages (name: outputs), as
+    `dvc repro` would leave it: outputs (already written) cached and in dvc.lock, all committed.
+    The stages' commands never run: no training twice."""
+    import contextlib
+    import subprocess
+
+    from dvc.repo import Repo
+
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    Repo.init(str(root)).close()
+    dvc_yaml = {"stages": {name: {"cmd": "false", "outs": outs} for name, outs in stages.items()}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    (root / ".gitignore").write_text("/.obliviate/\n")
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        for name in stages:
+            repo.commit(name, force=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "baseline"], cwd=root, check=True)
+
+
+def dvc_workspace(cfg: Config) -> Config:
+    """A trained workspace (the ``trained`` fixture) as a DVC project: blocks, test set, store."""
+    rel = {k: str(getattr(cfg.paths, k).relative_to(cfg.root)) for k in ("blocks", "test", "store")}
+    dvc_project(cfg.root, {"prepare": [rel["blocks"], rel["test"]], "train": [rel["store"]]})
+    return cfg

@@ -187,3 +187,90 @@ def test_dvc_push_to_an_s3_remote_and_pull_back(tmp_path, s3):
     shutil.rmtree(data)
     dvc("pull", "-q")
     assert {p.name: p.read_bytes() for p in data.iterdir()} == files
+
+
+def unique_sample(cfg, block: int) -> tuple[str, bytes]:
+    """A sample of ``block`` whose pixel bytes occur in no other sample (digits has duplicates)."""
+    seen: dict[bytes, int] = {}
+    for k in range(cfg.prepare.blocks + 1):
+        for x in load_block(cfg.paths.blocks, k).x:
+            seen[x.tobytes()] = seen.get(x.tobytes(), 0) + 1
+    b = load_block(cfg.paths.blocks, block)
+    return next((str(i), x.tobytes()) for i, x in zip(b.ids, b.x, strict=True)
+                if seen[x.tobytes()] == 1)  # fmt: skip
+
+
+def bucket_objects(s3: S3, prefix: str) -> dict[str, bytes]:
+    client = boto3.client("s3")
+    return {k: client.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in s3.keys(prefix)}
+
+
+def holders(objects: dict[str, bytes], content: bytes) -> list[str]:
+    return [k for k, body in objects.items() if content in body]
+
+
+@pytest.mark.slow
+def test_a_deletion_purges_an_s3_remote_and_an_unreachable_one_later(
+    trained, s3, monkeypatch, tmp_path_factory
+):
+    from conftest import GIT, dvc_workspace
+
+    from obliviate.deletion import forget, recover
+    from obliviate.transaction import State, md5s_in_use
+
+    cfg = dvc_workspace(trained)
+    ws = cfg.root
+
+    def dvc(*args: str) -> str:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        cmd = [sys.executable, "-m", "dvc", *args]
+        done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stderr or done.stdout}"
+        return done.stdout
+
+    dvc("remote", "add", "-d", "s3", f"s3://{s3.bucket}/dvc")
+    dvc("remote", "modify", "s3", "endpointurl", s3.endpoint)
+    dvc("push", "-q")
+    sid, content = unique_sample(cfg, 4)
+    before = bucket_objects(s3, "dvc/")
+    assert holders(before, content)  # pushed: the old block holds the sample
+
+    record = forget(cfg, [sid], refresh=False)
+    assert record["remote_purge"] == "done" and record["purged_remote_objects"] > 0
+    after = bucket_objects(s3, "dvc/")
+    assert holders(after, content) == []  # no byte of the sample left on the remote
+    current = {k for k in before if k.replace("dvc/files/md5/", "").replace("/", "")
+               in md5s_in_use(ws)}  # fmt: skip
+    assert current and current <= set(after)  # what the new version still uses stays
+
+    # the remote cannot be reached: the deletion commits all the same, the purge waits
+    dvc("push", "-q")
+    sid2, content2 = unique_sample(cfg, 9)
+    dvc("remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail fast
+    record = forget(cfg, [sid2], refresh=False)
+    assert record["remote_purge"] == "pending"
+    assert "could not be purged" in record["remote_purge_error"]
+    assert (cfg.paths.state / "remote_purge.json").is_file()
+    assert holders(bucket_objects(s3, "dvc/"), content2)  # still there, for now
+    assert "up to date" in dvc("status")  # the local state is the new version
+    dvc("remote", "modify", "s3", "endpointurl", s3.endpoint)
+    with State.of(cfg).lock():
+        assert recover(cfg, refresh=False) == []  # nothing to finish but the pending purge
+    assert not (cfg.paths.state / "remote_purge.json").exists()
+    assert holders(bucket_objects(s3, "dvc/"), content2) == []
+
+    # the remote still serves the current version: a fresh clone pulls it
+    dvc("push", "-q")
+    assert "in sync" in dvc("status", "-c")
+    subprocess.run(["git", "add", ".dvc/config"], cwd=ws, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "remote"], cwd=ws, check=True)
+    clone = tmp_path_factory.mktemp("clone") / "ws"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    pull = subprocess.run([sys.executable, "-m", "dvc", "pull", "-q"], cwd=clone,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"}, capture_output=True,
+                          text=True)  # fmt: skip
+    assert pull.returncode == 0, pull.stderr
+    blocks = sorted(cfg.paths.blocks.glob("*.npz"))
+    rel = cfg.paths.blocks.relative_to(ws)
+    assert [(clone / rel / b.name).read_bytes() for b in blocks] == [b.read_bytes() for b in blocks]

@@ -32,10 +32,13 @@ ForceOpt = Annotated[bool, typer.Option(help="Allow emptying a block or removing
 
 
 def _requested(ids: list[str] | None, file: Path | None) -> list[str]:
-    """The ids named on the command line and in --file."""
-    from obliviate.requests import read_request_file
+    """The ids named on the command line and in --file; an empty or undecodable id (argv bytes
+    that are not UTF-8) is refused here, before Prefect starts."""
+    from obliviate.requests import check_ids, read_request_file
 
-    return list(ids or []) + (read_request_file(file) if file else [])
+    wanted = list(ids or []) + (read_request_file(file) if file else [])
+    check_ids(wanted)
+    return wanted
 
 
 def _user_errors(fn):

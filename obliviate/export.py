@@ -46,13 +46,7 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
     model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
                         t.model_args, t.small_stem, cfg.root)  # fmt: skip
     meta = store.meta
-    if [(e.name, list(e.shape)) for e in layout(model)] != [
-        (e["name"], list(e["shape"])) for e in meta["layout"]
-    ]:
-        raise StoreError(
-            f"{store.path} was built for another architecture than train.model in params.yaml; "
-            "restore the params it was built with (or retrain)."
-        )
+    store.require_layout(layout(model))
     theta, _ = store.read(k)
     load_flat(model, torch.from_numpy(theta))
     state = {name: v.detach().clone().contiguous() for name, v in model.state_dict().items()}

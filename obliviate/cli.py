@@ -6,6 +6,7 @@ error into one sentence on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -13,8 +14,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+# click's UsageError, from typer's copy of click or from click itself (older typer)
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _usage_in_one_line():
+    """A mistyped command line (unknown command or option, a value of the wrong type, a missing
+    option) as one line and exit 2, instead of click's usage text and error box."""
+    try:
+        yield
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `obliviate` alone prints the help
+            raise
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "obliviate --help"
+        typer.echo(f"error: {message}; see `{where}`.", err=True)
+        raise typer.Exit(2) from None
+
+
+class _OneLineUsageErrors(TyperGroup):
+    def make_context(self, *args, **kwargs):
+        with _usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="DeepObliviate machine unlearning: stored training, deletion, verification.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

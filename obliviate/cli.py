@@ -408,17 +408,17 @@ def serve(
     from obliviate.config import five_field_cron
     from obliviate.errors import ObliviateError
 
-    cfg, _ = _setup(params)
+    if cron is not None and not five_field_cron(cron):  # before anything else: a typo is cheap
+        raise ObliviateError(
+            f"--cron {cron[:40]!r} must be a 5-field cron schedule with valid values, "
+            "e.g. '*/15 * * * *'."
+        )
+    cfg, _ = _setup(params)  # params.yaml's serve.cron was checked when it was read
     from prefect.settings import PREFECT_API_URL
 
     import flows.drain
 
     schedule = cron or cfg.serve.cron
-    if not five_field_cron(schedule):
-        raise ObliviateError(
-            f"--cron {schedule[:40]!r} must be a 5-field cron schedule with valid values, "
-            "e.g. '*/15 * * * *'."
-        )
     if not PREFECT_API_URL.value():
         raise ObliviateError(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
@@ -445,6 +445,14 @@ def status(
 
     cfg = load_config(params)
     if request_id:
+        from obliviate.errors import RequestError
+        from obliviate.requests import shown_id
+
+        if shown_id(request_id) != request_id:  # no request id is this long or holds controls
+            raise RequestError(
+                f"no deletion request {shown_id(request_id)}; use the id that `obliviate "
+                "request` printed."
+            )
         typer.echo(inbox.describe(inbox.get(cfg, request_id)))
         return
     from rich.console import Console

@@ -6,6 +6,7 @@ error into one sentence on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -13,8 +14,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+# click's UsageError, from typer's copy of click or from click itself (older typer)
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _usage_in_one_line():
+    """A mistyped command line (unknown command or option, a value of the wrong type, a missing
+    option) as one line and exit 2, instead of click's usage text and error box."""
+    try:
+        yield
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `obliviate` alone prints the help
+            raise
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "obliviate --help"
+        typer.echo(f"error: {message}; see `{where}`.", err=True)
+        raise typer.Exit(2) from None
+
+
+class _OneLineUsageErrors(TyperGroup):
+    def make_context(self, *args, **kwargs):
+        with _usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="DeepObliviate machine unlearning: stored training, deletion, verification.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -40,10 +72,13 @@ WaitOpt = Annotated[
 
 
 def _requested(ids: list[str] | None, file: Path | None) -> list[str]:
-    """The ids named on the command line and in --file."""
-    from obliviate.requests import read_request_file
+    """The ids named on the command line and in --file; an empty or undecodable id (argv bytes
+    that are not UTF-8) is refused here, before Prefect starts."""
+    from obliviate.requests import check_ids, read_request_file
 
-    return list(ids or []) + (read_request_file(file) if file else [])
+    wanted = list(ids or []) + (read_request_file(file) if file else [])
+    check_ids(wanted)
+    return wanted
 
 
 def _user_errors(fn):
@@ -401,17 +436,17 @@ def serve(
     from obliviate.config import five_field_cron
     from obliviate.errors import ObliviateError
 
-    cfg, _ = _setup(params)
+    if cron is not None and not five_field_cron(cron):  # before anything else: a typo is cheap
+        raise ObliviateError(
+            f"--cron {cron[:40]!r} must be a 5-field cron schedule with valid values, "
+            "e.g. '*/15 * * * *'."
+        )
+    cfg, _ = _setup(params)  # params.yaml's serve.cron was checked when it was read
     from prefect.settings import PREFECT_API_URL
 
     import flows.drain
 
     schedule = cron or cfg.serve.cron
-    if not five_field_cron(schedule):
-        raise ObliviateError(
-            f"--cron {schedule[:40]!r} must be a 5-field cron schedule with valid values, "
-            "e.g. '*/15 * * * *'."
-        )
     if not PREFECT_API_URL.value():
         raise ObliviateError(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
@@ -438,6 +473,14 @@ def status(
 
     cfg = load_config(params)
     if request_id:
+        from obliviate.errors import RequestError
+        from obliviate.requests import shown_id
+
+        if shown_id(request_id) != request_id:  # no request id is this long or holds controls
+            raise RequestError(
+                f"no deletion request {shown_id(request_id)}; use the id that `obliviate "
+                "request` printed."
+            )
         typer.echo(inbox.describe(inbox.get(cfg, request_id)))
         return
     from rich.console import Console

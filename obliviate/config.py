@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, shown_path
 from obliviate.objectstore import Location, StoreURL, is_url
 
 DatasetName = Literal[
@@ -245,8 +245,7 @@ class ServeConfig(_Section):
     def _five_fields(cls, v: str) -> str:
         if not five_field_cron(v):
             raise ValueError(
-                f"serve.cron {v[:40]!r} is not a 5-field cron schedule with valid values, "
-                "e.g. '*/15 * * * *'"
+                "it is not a 5-field cron schedule with valid values, e.g. '*/15 * * * *'"
             )
         return v
 
@@ -302,17 +301,32 @@ def load_config(path: Path | str = "params.yaml", **overrides: dict) -> Config:
     ``overrides`` maps a section name to a dict of keys to replace (used by benchmarks and tests).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; run from the project folder or pass --params.")
+    where = shown_path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if path.is_dir():
+            raise ConfigError(
+                f"{where} is a folder, not a file; pass --params path/to/params.yaml."
+            )
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where} does not exist; run from the project folder or pass --params."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{where} cannot be read ({exc.strerror or exc}); pass a readable params.yaml."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where} is not valid UTF-8 (byte {exc.start}); save it as UTF-8."
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"{path} is not valid YAML ({exc.__class__.__name__}); fix its syntax."
+            f"{where} is not valid YAML ({exc.__class__.__name__}); fix its syntax."
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{path} must be a mapping of sections (paths, prepare, train, evaluate)."
+            f"{where} must be a mapping of sections (paths, prepare, train, evaluate)."
         )
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
@@ -349,8 +363,10 @@ def _paths_as_path(raw: dict, origin: str) -> dict:
 
 
 def _one_sentence(exc: ValidationError, origin: str) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+    errors = exc.errors()
+    # an unknown key first: a typo'd key or section also makes the real one "missing"
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    key = shown_path(".".join(str(p) for p in err["loc"]), 60)  # a key is the user's too
     if err["type"] == "extra_forbidden":
         section = err["loc"][0] if len(err["loc"]) > 1 else None
         model = (
@@ -364,6 +380,9 @@ def _one_sentence(exc: ValidationError, origin: str) -> str:
         # message names the keys it is about
         return f"{origin}: {err['ctx']['error']}; fix it in params.yaml."
     given = err.get("input")
-    given = str(given) if isinstance(given, Path) else given
-    msg = err["msg"][0].lower() + err["msg"][1:]
-    return f"{origin}: '{key}' is {given!r}, but {msg}; fix it in params.yaml."
+    given = repr(str(given) if isinstance(given, Path) else given)
+    given = given if len(given) <= 60 else f"{given[:57]}..."  # a long value is not echoed
+    # a check of ours: its own words, without pydantic's "Value error, " in front
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    msg = msg[0].lower() + msg[1:]
+    return f"{origin}: '{key}' is {given}, but {msg}; fix it in params.yaml."

@@ -23,3 +23,10 @@ class StoreError(ObliviateError):
 
 class RequestError(ObliviateError):
     """A deletion request names unknown, duplicated or already forgotten samples, or is unsafe."""
+
+
+def shown_path(path: object, width: int = 80) -> str:
+    """A path from the command line as a message shows it: control characters escaped (the
+    message stays one line) and a long path cut to its last ``width`` characters (its name)."""
+    text = str(path).encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= width else f"...{text[-width:]}"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from obliviate.config import Config
-from obliviate.models import load_flat
+from obliviate.models import layout, load_flat
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
 from obliviate.train import Trainer, determinism_error
@@ -61,6 +61,7 @@ def evaluate_store(cfg: Config, row: int | None = None) -> dict:
     store.require_complete()
     k = store.n_blocks if row is None else row
     trainer = Trainer.from_config(cfg, cfg.evaluate.device, "evaluate.device")
+    store.require_layout(layout(trainer.model))  # train.model changed since: not this model
     theta, _ = store.read(k)
     n_test = len(load_samples(cfg.paths.test))
     return {"accuracy": accuracy(trainer, theta, cfg), "n_test": n_test, "checkpoint": k}

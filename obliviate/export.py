@@ -10,6 +10,8 @@ far, so a consumer needs neither obliviate nor guesses.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import asdict
@@ -29,7 +31,7 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
     import torch
 
     from obliviate.audit import read_records
-    from obliviate.errors import ObliviateError, StoreError
+    from obliviate.errors import ObliviateError, StoreError, shown_path
     from obliviate.models import build_model, describe, layout, load_flat
     from obliviate.partition import dataset_info, read_manifest
     from obliviate.store import ParamStore
@@ -46,13 +48,7 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
     model = build_model(t.model, info.input_shape, info.n_classes, t.hidden,
                         t.model_args, t.small_stem, cfg.root)  # fmt: skip
     meta = store.meta
-    if [(e.name, list(e.shape)) for e in layout(model)] != [
-        (e["name"], list(e["shape"])) for e in meta["layout"]
-    ]:
-        raise StoreError(
-            f"{store.path} was built for another architecture than train.model in params.yaml; "
-            "restore the params it was built with (or retrain)."
-        )
+    store.require_layout(layout(model))
     theta, _ = store.read(k)
     load_flat(model, torch.from_numpy(theta))
     state = {name: v.detach().clone().contiguous() for name, v in model.state_dict().items()}
@@ -91,19 +87,36 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
         "torch": torch.__version__,
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp, tmp_side = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".json.tmp")
+    made = []  # folders made for -o, removed again if writing fails
     try:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+        if out.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        made = [p for p in reversed(out.parents) if not p.exists()]
+        above = next(p for p in out.parents if p.exists())
+        if not above.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{shown_path(above)} is a file")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # every write error an OSError, whatever the format
+            if fmt == "safetensors":
+                from safetensors.torch import save
 
-            save_file(state, str(tmp), metadata={"obliviate_row": str(k)})
-        else:
-            torch.save(state, tmp)
+                f.write(save(state, metadata={"obliviate_row": str(k)}))
+            else:
+                torch.save(state, f)
         tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
         os.replace(tmp, out)
         os.replace(tmp_side, sidecar_path(out))
+    except OSError as exc:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise ObliviateError(
+            f"cannot write {shown_path(out)} ({exc.strerror or exc}); pass -o a file path in a "
+            "writable folder."
+        ) from None
     finally:
         for p in (tmp, tmp_side):
-            p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
     return sidecar

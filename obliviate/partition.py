@@ -245,5 +245,11 @@ def verify_block(blocks_dir: Path, k: int, manifest: dict | None = None) -> Path
 def load_samples(path: Path) -> Samples:
     if not path.is_file():
         raise StoreError(f"{path} is missing; run `obliviate partition` first.")
-    with np.load(path, allow_pickle=False) as z:
-        return Samples(z["ids"], z["y"], z["x"])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Samples(z["ids"], z["y"], z["x"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise StoreError(
+            f"{path} cannot be read ({type(exc).__name__}); restore it with `dvc checkout` (or "
+            "rebuild it with `obliviate partition`)."
+        ) from None

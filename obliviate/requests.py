@@ -13,29 +13,61 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.errors import RequestError
+from obliviate.errors import RequestError, shown_path
 from obliviate.partition import INDEX, block_file, read_manifest
 
 
 def read_request_file(path: Path) -> list[str]:
     """Ids from a JSON-lines file: each line a string or an object with an "id" key."""
-    if not path.is_file():
-        raise RequestError(f"{path} does not exist; pass a JSON-lines file of sample ids.")
+    where = shown_path(path)
+    try:
+        if path.is_dir():
+            raise RequestError(
+                f"{where} is a folder, not a file; pass a JSON-lines file of sample ids."
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RequestError(
+            f"{where} does not exist; pass a JSON-lines file of sample ids."
+        ) from None
+    except OSError as exc:
+        raise RequestError(
+            f"{where} cannot be read ({exc.strerror or exc}); pass a readable JSON-lines file."
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        n = data[: exc.start].count(b"\n") + 1
+        raise RequestError(f"{where}:{n} is not valid UTF-8; save the file as UTF-8.") from None
     ids = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
-            raise RequestError(f"{path}:{n} is not valid JSON; write one id per line.") from None
+            raise RequestError(f"{where}:{n} is not valid JSON; write one id per line.") from None
         sid = item.get("id") if isinstance(item, dict) else item
-        if not isinstance(sid, str) or not sid:
-            raise RequestError(f'{path}:{n} has no sample id; write "id" or {{"id": "id"}}.')
+        if not isinstance(sid, str) or not sid.strip():
+            raise RequestError(f'{where}:{n} has no sample id; write "id" or {{"id": "id"}}.')
         ids.append(sid)
     if not ids:
-        raise RequestError(f"{path} holds no sample ids; add one per line.")
+        raise RequestError(f"{where} holds no sample ids; add one per line.")
     return ids
+
+
+def check_ids(ids: list[str]) -> None:
+    """Refuse an id no sample can have: empty, or not text (argv bytes that are not UTF-8)."""
+    for sid in ids:
+        if not sid.strip():
+            raise RequestError("the request names an empty sample id; drop it or name the sample.")
+        try:
+            sid.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                f"sample id {shown_id(sid)} is not valid UTF-8; name the sample by its id as "
+                "`obliviate ids` prints it."
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,7 @@ def plan_deletion(
     """
     if not ids:
         raise RequestError("the request names no sample ids; pass at least one.")
+    check_ids(ids)
     dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
     if dupes:
         raise RequestError(f"the request repeats {_names(dupes)}; name each sample once.")

@@ -139,6 +139,16 @@ class ParamStore:
                 "run `obliviate train` to finish it."
             )
 
+    def require_layout(self, entries: list) -> None:
+        """Refuse a model whose tensors (``models.layout``: names and shapes) are not the ones
+        the rows were stored for: its parameters would be read from the wrong offsets."""
+        want = [(e["name"], list(e["shape"])) for e in self.meta["layout"]]
+        if [(e.name, list(e.shape)) for e in entries] != want:
+            raise StoreError(
+                f"{self.path} was built for another architecture than train.model in "
+                "params.yaml; restore the params it was built with (or retrain)."
+            )
+
     # ------------------------------------------------------------------ rows
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""

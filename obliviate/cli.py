@@ -490,6 +490,8 @@ def status(
     from obliviate.errors import StoreError
     from obliviate.store import ParamStore
 
+    requests = inbox.entries(cfg)  # read everything first: a damaged file is one sentence
+    records = read_records(cfg.paths.audit)
     console = Console()
     try:
         s = ParamStore.open(cfg.paths.store).summary()
@@ -500,7 +502,6 @@ def status(
         )
     except StoreError as exc:
         console.print(f"store: {exc}")
-    records = read_records(cfg.paths.audit)
     table = Table(
         "deletion",
         "finished",
@@ -516,9 +517,8 @@ def status(
         table.add_row(r["request_id"], r["finished_at"], n, blocks, str(r["t"]),
                       _accuracy(r))  # fmt: skip
     console.print(table)
-    counts = inbox.counts(cfg)
+    counts = {k: sum(e["status"] == k for e in requests) for k in inbox.STATUSES}
     console.print("inbox: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
-    requests = inbox.entries(cfg)
     waiting = [e for e in requests if e["status"] in ("queued", "running")]
     for e in waiting or requests[-1:]:  # what is pending, else the latest request
         console.print("  " + inbox.describe(e))

@@ -31,7 +31,7 @@ from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
-from obliviate.train import Trainer, require_same_device
+from obliviate.train import Trainer, require_same_device, store_fingerprint
 from obliviate.verify import owner_hashes, verify
 
 
@@ -208,11 +208,18 @@ def require_same_model(store: ParamStore, trainer: Trainer) -> None:
 
 
 def _usable_store(cfg: Config) -> tuple[ParamStore, Trainer]:
-    """The store and trainer of a deletion: a local, complete store trained on this device class
-    (replay would not be exact on another), else one sentence."""
+    """The store and trainer of a deletion: a local, complete store built from today's params
+    and blocks, trained on this device class (replay would not be exact otherwise), else one
+    sentence."""
     require_local(cfg.paths.store)
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
+    if store.meta["fingerprint"] != store_fingerprint(cfg):  # replay would not be exact
+        raise StoreError(
+            f"{store.path} was built with other params or blocks than params.yaml and "
+            f"{cfg.paths.blocks} hold now; restore the params it was built with, or retrain with "
+            "`obliviate train --overwrite`."
+        )
     trainer = Trainer.from_config(cfg)
     require_same_device(store, trainer, allow_inexact=False)
     require_same_model(store, trainer)

@@ -62,18 +62,30 @@ def entries(cfg: Config) -> list[dict]:
     folder = inbox_dir(cfg)
     if not folder.is_dir():
         return []
-    found = [json.loads(p.read_text()) for p in folder.glob("req-*.json")]
-    return sorted(found, key=lambda e: e["order"])
+    return sorted((_read(p) for p in folder.glob("req-*.json")), key=lambda e: e["order"])
 
 
 def get(cfg: Config, request_id: str) -> dict:
     path = inbox_dir(cfg) / f"{request_id}.json"
     if "/" in request_id or not path.is_file():
         raise RequestError(
-            f"no deletion request {request_id!r} in {inbox_dir(cfg)}; use the id that "
+            f"no deletion request {request_id[:80]!r} in {inbox_dir(cfg)}; use the id that "
             "`obliviate request` printed."
         )
-    return json.loads(path.read_text())
+    return _read(path)
+
+
+def _read(path: Path) -> dict:
+    try:
+        entry = json.loads(path.read_text())
+        if isinstance(entry, dict) and {"request_id", "status", "order"} <= entry.keys():
+            return entry
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    raise RequestError(
+        f"the deletion request file {path} is damaged; restore it from a backup, or remove it "
+        "and submit the request again."
+    )
 
 
 def finish(cfg: Config, entry: dict, status: str, reason: str | None = None) -> dict:

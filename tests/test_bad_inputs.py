@@ -606,15 +606,7 @@ CASES = {
 
 
 # Cases that fail because of code other engineers are rewriting: name -> the bug.
-EXPECTED_FAILURES = {
-    "store built with other params (forget)": "the deletion path (deletion.validate, "
-    "tasks/forget) does not compare the store's fingerprint with params.yaml: forget retrains "
-    "with the changed train params and exits 0",
-    "inbox entry torn (status)": "inbox.entries parses every request file unguarded: a torn one "
-    "crashes `status` with a JSONDecodeError traceback (exit 1)",
-    "inbox entry torn (drain)": "inbox.entries parses every request file unguarded: a torn one "
-    "crashes `drain` with a JSONDecodeError traceback (exit 1)",
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 def _cases():

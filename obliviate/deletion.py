@@ -285,13 +285,15 @@ def recover(cfg: Config, refresh: bool = True) -> list[str]:
 def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
     """Everything a deletion checks before it journals anything, each failure one sentence: the
     request (unknown, repeated, forgotten or unsafe ids), a local and complete store trained on
-    this device class with a model that builds here, and an intact store and blocks: all of
-    them, not only what the sweep reads, since the deletion versions the whole workspace with
-    DVC and must not record a damaged file as the new version. Returns the plan {block: ids}."""
+    this device class with a model that builds here, an intact store and blocks (all of them,
+    not only what the sweep reads, since the deletion versions the whole workspace with DVC and
+    must not record a damaged file as the new version), and DVC stages it can commit. Returns
+    the plan {block: ids}."""
     require_local(cfg.paths.store)
     plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
     preflight(cfg)
     _usable_store(cfg)
+    versioning.require_versionable(cfg, [cfg.paths.blocks, cfg.paths.store])
     return plan
 
 

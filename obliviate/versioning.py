@@ -71,6 +71,41 @@ def stages_writing(root: Path, paths: list[Path]) -> list[str]:
     )
 
 
+def require_versionable(cfg: Config, paths: list[Path]) -> None:
+    """Before a deletion changes anything: the DVC stages that write ``paths`` can be committed
+    here. Each is still defined in dvc.yaml and every dep and out dvc.lock records for it exists
+    (a partial pipeline, or a file deleted by hand, would make `dvc commit` fail only after the
+    store and blocks had changed). Else VersioningError, naming the stage and the path."""
+    root = cfg.root
+    if not is_dvc_project(root):
+        return
+    stages = stages_writing(root, paths)
+    if not stages:
+        return
+    try:
+        defined = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+        locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError) as exc:
+        raise VersioningError(
+            f"dvc.yaml or dvc.lock cannot be read ({_first_line(exc)}); restore them with `git "
+            "checkout -- dvc.yaml dvc.lock` and run the command again."
+        ) from None
+    for name in stages:
+        if name not in defined:
+            raise VersioningError(
+                f"dvc.lock records stage {name}, which dvc.yaml no longer defines, so a deletion "
+                "could not be versioned; restore dvc.yaml (`git checkout -- dvc.yaml`) and run "
+                "the command again."
+            )
+        for entry in [*locked[name].get("deps", []), *locked[name].get("outs", [])]:
+            if not (root / entry["path"]).exists():
+                raise VersioningError(
+                    f"stage {name} records {entry['path'][:80]}, which does not exist here, so a "
+                    f"deletion could not be versioned; restore it (`dvc checkout {name}` or `dvc "
+                    f"repro {name}`) and run the command again."
+                )
+
+
 def is_dvc_project(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 

@@ -271,3 +271,18 @@ def test_recovery_after_a_kill_inside_dvc_finishes_the_deletion_and_purges(train
     log = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=cfg.root, capture_output=True,
                          text=True).stdout  # fmt: skip
     assert "forget request del-killed" in log
+
+
+def test_a_stage_that_cannot_be_committed_is_named_before_anything_changes(project):
+    from obliviate.versioning import require_versionable
+
+    out = project.root / "out.bin"
+    require_versionable(project, [out])  # the whole pipeline is here: fine
+    out.unlink()  # a partial pipeline: dvc.lock records an output that is not here
+    with pytest.raises(VersioningError, match=r"stage make records out.bin.*dvc checkout make"):
+        require_versionable(project, [out])
+    out.write_bytes(V1)
+    (project.root / "dvc.yaml").write_text("stages: {}\n")  # the stage was removed from dvc.yaml
+    with pytest.raises(VersioningError, match=r"dvc\.yaml no longer defines"):
+        require_versionable(project, [out])
+    require_versionable(project, [project.root / "other.bin"])  # no stage writes it: nothing

@@ -258,8 +258,9 @@ def migrate(cfg, candidates) -> tuple[int, int]:
     return done, left
 
 
-def redact(text: str, ids: list[str], hasher: IdHasher) -> str:
-    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits."""
+def redact(text: str, ids: list[str], hasher: IdHasher | None) -> str:
+    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits
+    (by ``<id>`` without a hasher)."""
     for i in sorted(ids, key=len, reverse=True):
-        text = text.replace(i, f"<id:{hasher(i)[:12]}>")
+        text = text.replace(i, f"<id:{hasher(i)[:12]}>" if hasher else "<id>")
     return text

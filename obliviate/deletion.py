@@ -352,15 +352,23 @@ def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
             out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
                                        "force": batch.force}, plan)  # fmt: skip
         out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
-    except ObliviateError as exc:
+    except ObliviateError as exc:  # its message may reach Prefect's database: no raw id
         ids = batch.ids if batch is not None else []
-        raise type(exc)(redact(str(exc), ids, IdHasher.of(cfg))) from None
+        raise type(exc)(redact(str(exc), ids, _existing_hasher(cfg))) from None
     if refresh and (out.record is not None or out.recovered):
         after = out.record["request_id"] if out.record else out.recovered[-1]
         accuracy = refresh_metrics(cfg, after)["accuracy"]
         if out.record is not None:
             out.record["test_accuracy_after"] = accuracy
     return out
+
+
+def _existing_hasher(cfg: Config) -> IdHasher | None:
+    """The id hasher if its key exists, else None: a refused request creates no key file."""
+    try:
+        return IdHasher.existing(cfg)
+    except ObliviateError:
+        return None
 
 
 def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:

@@ -4,8 +4,6 @@ Slow: one template workspace is built with `dvc repro` per session and copied fo
 """
 
 import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,53 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FORGET, copy_project, write_params
+from e2e import BIN, env_for, final_state, sh, unique_sample
 from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
 
 from obliviate.audit import legacy_id_hash
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def env_for(ws: Path, **extra) -> dict:
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(ws / ".prefect"),
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("PREFECT_API_URL", None)
-    return {**env, **extra}
-
-
-def sh(ws: Path, *cmd, check=True, **extra) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        cmd, cwd=ws, env=env_for(ws, **extra), capture_output=True, text=True, timeout=900
-    )
-    if check:
-        assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
-    return done
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("template")
-    copy_project(ws)
-    write_params(ws, **FORGET)
-    (ws / ".gitignore").write_text(
-        "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"
-    )
-    sh(ws, "git", "init", "-q")
-    sh(ws, str(BIN / "dvc"), "init", "-q")
-    sh(ws, str(BIN / "dvc"), "repro", "-q")
-    sh(ws, "git", "add", "-A")
-    sh(ws, "git", "commit", "-qm", "baseline")
-    return ws
+pytest_plugins = ["e2e"]  # the session's template workspace
 
 
 @pytest.fixture
@@ -67,21 +25,6 @@ def workspace(template, tmp_path) -> Path:
     ws = tmp_path / "ws"
     shutil.copytree(template, ws, symlinks=True)
     return ws
-
-
-def unique_sample(ws: Path, block: int = 4) -> tuple[str, bytes]:
-    """A sample of `block` whose pixel bytes occur in no other sample (digits has duplicates)."""
-    blocks = sorted((ws / "data" / "blocks").glob("block_*.npz"))
-    all_x = [np.load(b)["x"] for b in blocks]
-    seen: dict[bytes, int] = {}
-    for xs in all_x:
-        for x in xs:
-            seen[x.tobytes()] = seen.get(x.tobytes(), 0) + 1
-    with np.load(blocks[block - 1]) as z:
-        for sid, x in zip(z["ids"], z["x"], strict=True):
-            if seen[x.tobytes()] == 1:
-                return str(sid), x.tobytes()
-    raise AssertionError("no unique sample")
 
 
 def files_containing(ws: Path, needle: bytes) -> list[Path]:
@@ -151,25 +94,6 @@ from obliviate.config import load_config
 from obliviate.deletion import drain
 print(drain(load_config("params.yaml")).recovered)
 """
-
-
-def final_state(ws: Path) -> dict:
-    from obliviate import inbox
-    from obliviate.config import load_config
-    from obliviate.requests import SampleIndex
-    from obliviate.store import ParamStore
-
-    cfg = load_config(ws / "params.yaml")
-    store = ParamStore.open(cfg.paths.store)
-    records = [json.loads(line) for line in cfg.paths.audit.read_text().splitlines()]
-    return {
-        "rows": np.stack([store.read(k)[0] for k in range(store.n_blocks + 1)]),
-        "ids": sorted(SampleIndex.of(cfg.paths.blocks).ids),
-        "models": [r["model_after"] for r in records],
-        "staging": sorted(p.name for p in (cfg.paths.state / "staging").glob("*")),
-        "inbox": sorted(e["status"] for e in inbox.entries(cfg)),  # the request, finished once
-        "dvc": sh(ws, str(BIN / "dvc"), "status").stdout.strip(),
-    }
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import copy_project, write_params
-from test_deletion_e2e import BIN, sh
+from e2e import BIN, sh
 
 pytestmark = pytest.mark.slow
 

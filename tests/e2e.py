@@ -1,0 +1,102 @@
+"""Shared by the end-to-end deletion tests: a real DVC + git workspace, built once per session.
+
+Test modules load it with ``pytest_plugins = ["e2e"]``, so the session-scoped ``template`` is one
+fixture (built once) however many modules use it; the helpers are imported by name, so
+pytest cannot rewrite this module's asserts (PYTEST_DONT_REWRITE says so, without a warning).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FORGET, copy_project, write_params
+
+BIN = Path(sys.executable).parent
+
+
+def env_for(ws: Path, **extra) -> dict:
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(ws / ".prefect"),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("PREFECT_API_URL", None)
+    return {**env, **extra}
+
+
+def sh(ws: Path, *cmd, check=True, **extra) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd, cwd=ws, env=env_for(ws, **extra), capture_output=True, text=True, timeout=900
+    )
+    if check:
+        assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """A digits project (FORGET params) after `dvc repro`, committed to git. Copy it, never
+    change it."""
+    ws = tmp_path_factory.mktemp("template")
+    copy_project(ws)
+    write_params(ws, **FORGET)
+    (ws / ".gitignore").write_text(
+        "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"
+    )
+    sh(ws, "git", "init", "-q")
+    sh(ws, str(BIN / "dvc"), "init", "-q")
+    sh(ws, str(BIN / "dvc"), "repro", "-q")
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-qm", "baseline")
+    return ws
+
+
+def unique_sample(ws: Path, block: int = 4) -> tuple[str, bytes]:
+    """A sample of `block` whose pixel bytes occur in no other sample (digits has duplicates)."""
+    blocks = sorted((ws / "data" / "blocks").glob("block_*.npz"))
+    all_x = [np.load(b)["x"] for b in blocks]
+    seen: dict[bytes, int] = {}
+    for xs in all_x:
+        for x in xs:
+            seen[x.tobytes()] = seen.get(x.tobytes(), 0) + 1
+    with np.load(blocks[block - 1]) as z:
+        for sid, x in zip(z["ids"], z["x"], strict=True):
+            if seen[x.tobytes()] == 1:
+                return str(sid), x.tobytes()
+    raise AssertionError("no unique sample")
+
+
+def dvc_status(ws: Path) -> str:
+    return sh(ws, str(BIN / "dvc"), "status").stdout.strip()
+
+
+def final_state(ws: Path, dvc=dvc_status) -> dict:
+    """What a deletion leaves: store rows, sample ids, audited models, staging, the inbox and
+    `dvc status` (``dvc``: how to get it)."""
+    from obliviate import inbox
+    from obliviate.audit import read_records
+    from obliviate.config import load_config
+    from obliviate.requests import SampleIndex
+    from obliviate.store import ParamStore
+
+    cfg = load_config(ws / "params.yaml")
+    store = ParamStore.open(cfg.paths.store)
+    records = read_records(cfg.paths.audit)
+    return {
+        "rows": np.stack([store.read(k)[0] for k in range(store.n_blocks + 1)]),
+        "ids": sorted(SampleIndex.of(cfg.paths.blocks).ids),
+        "models": [r["model_after"] for r in records],
+        "staging": sorted(p.name for p in (cfg.paths.state / "staging").glob("*")),
+        "inbox": sorted(e["status"] for e in inbox.entries(cfg)),  # the request, finished once
+        "dvc": dvc(ws),
+    }

@@ -47,8 +47,15 @@ def _write(folder: Path, entry: dict) -> None:
 
 
 def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
-    """Queue a deletion request and return its id; refuse bad input at once, writing nothing."""
+    """Queue a deletion request and return its id; refuse bad input at once, writing nothing.
+
+    The same ids (and force) as a request a drain was running when it was killed join that
+    request: a `forget` retried after a crash finishes it (its deletion may already be in the
+    audit, so its ids are not refused as forgotten) instead of queuing a second one."""
     require_local(cfg.paths.store)
+    for e in entries(cfg):
+        if e["status"] == "running" and sorted(e["ids"]) == sorted(ids) and e["force"] == force:
+            return e["request_id"]
     plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # unknown, forgotten, unsafe
     request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
@@ -110,9 +117,11 @@ class Batch:
     force: bool
 
 
-def reconcile(cfg: Config) -> list[dict]:
+def reconcile(cfg: Config, finish_done: bool = True) -> list[dict]:
     """After a crash: running requests whose deletion is in the audit are done; others queue
-    again. Call under the writer lock, after the deletion journal's own recovery."""
+    again. Call under the writer lock, after the deletion journal's own recovery. With
+    ``finish_done=False`` the done ones are returned still running, for the caller to finish
+    (`deletion.drain` refreshes the metrics first)."""
     audited = {r["request_id"] for r in read_records(cfg.paths.audit)}
     changed = []
     for e in entries(cfg):
@@ -120,7 +129,7 @@ def reconcile(cfg: Config) -> list[dict]:
             continue
         journal = _journal_entry(cfg, e.get("deletion"))
         if e.get("deletion") in audited or journal.get("status") == "done":
-            changed.append(finish(cfg, e, "done"))
+            changed.append(finish(cfg, e, "done") if finish_done else e)
         elif journal.get("status") == "refused":  # the deletion itself was refused: final
             why = redact(journal.get("reason", ""), e["ids"], IdHasher.of(cfg))
             changed.append(finish(cfg, e, "refused", why))
@@ -137,14 +146,18 @@ def _journal_entry(cfg: Config, deletion_id: str | None) -> dict:
 
 
 def claim(cfg: Config, only: str | None = None) -> Batch:
-    """Validate queued requests in order (every one, or ``only`` that one); refuse the ones that
-    cannot go (with the reason) and batch the rest. A request that is fine alone but not
-    together with the earlier ones (e.g. both would empty one block) is refused: first come,
-    first served."""
+    """Validate queued requests in order (every one, or ``only`` that one and the queued ones
+    whose ids it covers, such as the request of a `forget` killed before its drain claimed it);
+    refuse the ones that cannot go (with the reason) and batch the rest. A request that is fine
+    alone but not together with the earlier ones (e.g. both would empty one block) is refused:
+    first come, first served."""
     accepted, refused, ids, force = [], [], [], False
     gone = Forgotten.of(cfg)
-    for e in entries(cfg):
-        if e["status"] != "queued" or only not in (None, e["request_id"]):
+    queued = [e for e in entries(cfg) if e["status"] == "queued"]
+    named = [e for e in queued if e["request_id"] == only]
+    covered = set(named[0]["ids"]) if named else set()
+    for e in queued:
+        if only is not None and e["request_id"] != only and not set(e["ids"]) <= covered:
             continue
         new = [i for i in e["ids"] if i not in set(ids) and i not in gone]
         if not new:  # every id already forgotten (by another request meanwhile): done

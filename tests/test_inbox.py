@@ -88,6 +88,33 @@ def test_reconcile_after_a_killed_drain(prepared):
     assert requeued["status"] == "queued" and requeued["ids"] and requeued["deletion"] is None
 
 
+def test_a_retried_forget_joins_the_request_a_killed_drain_left_running(prepared):
+    wanted = ids_of(prepared, 2, 2)
+    rid = inbox.submit(prepared, wanted)
+    inbox.mark_running(prepared, inbox.claim(prepared), "del-landed")
+    append_record(prepared.paths.audit, {"request_id": "del-landed",
+                                         **IdHasher.of(prepared).hashes(wanted)})  # fmt: skip
+    # its deletion is in the audit, yet the retry is not refused as "already forgotten"
+    assert inbox.submit(prepared, wanted[::-1]) == rid
+    assert [e["request_id"] for e in inbox.entries(prepared)] == [rid]
+    (landed,) = inbox.reconcile(prepared, finish_done=False)  # drain finishes it later
+    assert landed["status"] == "running" and inbox.get(prepared, rid)["status"] == "running"
+    inbox.finish(prepared, landed, "done")
+    with pytest.raises(RequestError, match="already forgotten"):  # a finished one is not joined
+        inbox.submit(prepared, wanted)
+
+
+def test_a_named_drain_claims_the_queued_requests_it_covers(prepared):
+    wanted, other = ids_of(prepared, 2, 2), ids_of(prepared, 4, 1)
+    left = inbox.submit(prepared, wanted[:1])  # a forget killed before its drain claimed it
+    unrelated = inbox.submit(prepared, other)
+    retry = inbox.submit(prepared, wanted)
+    batch = inbox.claim(prepared, only=retry)
+    assert [e["request_id"] for e in batch.accepted] == [left, retry]
+    assert sorted(batch.ids) == sorted(wanted)
+    assert inbox.get(prepared, unrelated)["status"] == "queued"
+
+
 def test_force_on_one_request_does_not_carry_over_to_the_next(prepared):
     block = ids_of(prepared, 3, 10_000)
     forced = inbox.submit(prepared, ids_of(prepared, 5, 1), force=True)

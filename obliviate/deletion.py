@@ -320,7 +320,7 @@ def drain(
     running, claim the queued requests, check everything a deletion needs (else one sentence and
     the requests stay queued; a named ``request`` is withdrawn, so nothing of it stays), mark
     them running, journal one deletion for their ids, execute it (one transaction per planned
-    sweep), mark them done; then refresh the test metric and the verdict once. A failure's
+    sweep), refresh the test metric and the verdict once, then mark them done. A failure's
     message names ids only by their keyed hash: it may end up in Prefect's database. ``wait``:
     how long to wait for another writer (None: as long as it takes, 0: not at all)."""
     require_local(cfg.paths.store)
@@ -339,8 +339,9 @@ def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
     try:
         inbox.preflight(cfg)
         out.recovered = recover(cfg, refresh=False)
-        settled = inbox.reconcile(cfg)  # requests a killed drain left running
-        out.done = [e for e in settled if e["status"] == "done"]
+        # requests a killed drain left running: requeued, refused, or (still running) landed
+        settled = inbox.reconcile(cfg, finish_done=False)
+        landed = [e for e in settled if e["status"] == "running"]
         out.refused = [e for e in settled if e["status"] == "refused"]
         batch = inbox.claim(cfg, only=request)
         out.refused += batch.refused
@@ -351,15 +352,21 @@ def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
             txn.journal_request(txn.State.of(cfg), deletion_id, batch.ids, batch.force)
             out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
                                        "force": batch.force}, plan)  # fmt: skip
-        out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
     except ObliviateError as exc:  # its message may reach Prefect's database: no raw id
         ids = batch.ids if batch is not None else []
         raise type(exc)(redact(str(exc), ids, _existing_hasher(cfg))) from None
-    if refresh and (out.record is not None or out.recovered):
-        after = out.record["request_id"] if out.record else out.recovered[-1]
+    # The metrics, then the requests: a request is done once its deletion and the metrics of
+    # the new model are; killed in between, it stays running and the next drain (or the same
+    # forget again) refreshes them and finishes it.
+    finished = [*out.recovered, *(e["deletion"] for e in landed)]  # before this drain
+    if refresh and (out.record is not None or finished):
+        after = out.record["request_id"] if out.record else finished[-1]
+        crashpoint("refresh_metrics")
         accuracy = refresh_metrics(cfg, after)["accuracy"]
         if out.record is not None:
             out.record["test_accuracy_after"] = accuracy
+    out.done = [inbox.finish(cfg, e, "done") for e in landed]
+    out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
     return out
 
 
@@ -381,7 +388,8 @@ def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = Tru
     if entry["status"] == "refused":
         raise RequestError(entry["reason"])
     if out.record is None:  # its ids were forgotten by a deletion that recovery finished
-        done = [r for r in read_records(cfg.paths.audit) if r["request_id"] in out.recovered]
+        by = out.recovered or [entry["deletion"]]
+        done = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(tuple(by))]
         return {**done[-1], "sweeps": done}
     return out.record
 

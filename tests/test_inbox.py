@@ -177,3 +177,27 @@ def test_a_refused_deletion_finishes_its_requests_as_refused(prepared):
     hashed = f"<id:{IdHasher.of(prepared)(sid)[:12]}>"
     assert entry["status"] == "refused" and entry["reason"] == why.replace(sid, hashed)
     assert sid not in inbox.inbox_dir(prepared).joinpath(f"{rid}.json").read_text()
+
+
+def test_a_drain_killed_before_the_metric_refresh_is_finished_by_the_same_forget(
+    trained, monkeypatch
+):
+    from obliviate import deletion
+
+    [sid] = ids_of(trained, 4, 1)
+
+    def killed(cfg, after):
+        raise SystemExit("killed")  # the deletion is applied, the metrics are not refreshed
+
+    with monkeypatch.context() as m:
+        m.setattr(deletion, "refresh_metrics", killed)
+        with pytest.raises(SystemExit):
+            deletion.forget(trained, [sid])
+    (request,) = inbox.entries(trained)
+    assert request["status"] == "running"  # not done before the metrics are
+    assert not (trained.paths.metrics / "evaluate.json").exists()
+    record = deletion.forget(trained, [sid])  # the same forget again: not "already forgotten"
+    (again,) = inbox.entries(trained)
+    assert again["status"] == "done" and "ids" not in again
+    assert record["request_id"] == again["deletion"]
+    assert (trained.paths.metrics / "evaluate.json").exists()  # the refresh it missed

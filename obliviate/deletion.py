@@ -111,6 +111,7 @@ def _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan) -> dict:
     result = None
     if training:
         judge = guard.judge if guard.enabled else None
+        crashpoint("before_retrain")
         result = sweep(trainer, store, training, stop_rule(cfg), judge, staging.put)
         summary, served = result.summary(), result.served
         new_blocks = dict(result.new_blocks)

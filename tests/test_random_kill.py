@@ -1,0 +1,357 @@
+"""SIGKILL at random instants of a deletion, through `obliviate forget` and through `obliviate
+request` + `obliviate drain`; after recovery by the user's own next command the workspace is
+exactly the state of an uninterrupted deletion, with the request finished once.
+
+Each kill gets a fresh copy of the session's template workspace (see e2e.py) and forgets the
+same sample, so uninterrupted reference runs give the new state every kill must end in: store
+rows bit for bit, sample ids, one audit record, no staging, the journal and the inbox finished
+without raw ids, `dvc status` clean, git clean with the same number of commits, the same
+metrics. (The old state, the template's, would mean the request was done without its deletion:
+it is durable before the writer lock is taken, so recovery always finishes it.) The delays come
+from a seeded RNG (the seed is printed; OBLIVIATE_KILL_SEED replays one), one in each of 20
+equal slices of the references' locked section, so they cover the whole deletion; a few kills
+at fixed crash points (the DVC commit, the git commit, the metric refresh) come on top.
+
+Speed: a CLI process imports for many seconds before it works, most of it inside the writer
+lock, and without PREFECT_API_URL it starts Prefect's ephemeral server too. So the commands run
+in children forked from one warm process (tests/forked_cli.py: the real typer app, flow and
+deletion, each in its own process, killed for good), against one `prefect server` on loopback,
+two kills at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from e2e import env_for, final_state, unique_sample
+from test_serve import api, free_port, start, stop, wait_for
+
+pytestmark = pytest.mark.slow
+pytest_plugins = ["e2e"]  # the session's template workspace
+
+FORGET_KILLS, DRAIN_KILLS = 12, 8  # random kills that must land (a process killed mid-drain)
+FIXED = ["before_dvc_commit", "before_git_commit", "refresh_metrics"]  # through forget, on top
+DVC_LOCK_WRITE = "inside DVC's write of dvc.lock"  # (tests/forked_cli.py kills the child there)
+# A known bug, in obliviate/versioning.py (reported, not fixed here): DVC rewrites dvc.lock in
+# place, so a kill inside `dvc commit` can leave it empty; recovery then finds no stage to
+# commit and git-commits the empty dvc.lock, reporting success. The random kills that hit it are
+# listed, not failed; the strict xfail below reproduces it. Once fixed: drop both.
+EMPTY_DVC_LOCK = "a kill inside DVC's in-place rewrite of dvc.lock: recovery commits it empty"
+PARALLEL = 2
+# the last crash point a kill passed (obliviate/faults.py) -> the phase it landed in; "#2": the
+# second time the process passed that point (the metrics' own DVC and git commit)
+PHASES = {
+    "start": "recovery, claim, checks, journal",
+    "before_retrain": "retraining",
+    "during_retrain": "retraining",
+    "after_retrain": "staging",
+    "before_commit": "staging",
+    "after_store": "apply",
+    "after_block": "apply",
+    "after_audit": "apply",
+    "before_dvc_commit": "apply: DVC commit",
+    "before_git_commit": "apply: git commit",
+    "after_commit": "apply: cache purge, journal",
+    "refresh_metrics": "metric refresh",
+    "before_dvc_commit#2": "metric refresh: DVC commit",
+    "before_git_commit#2": "metric refresh: git commit",
+}
+
+
+def phase(landed: str) -> str:
+    """The phase a kill landed in, from the last crash point it passed."""
+    return PHASES.get(landed) or PHASES.get(landed.split("#")[0], "?")
+
+
+@dataclass
+class Ran:
+    rc: int
+    out: str
+    err: str
+
+
+class ForkedCLI:
+    """tests/forked_cli.py: each `run` is one command in a forked child; several at a time."""
+
+    def __init__(self, folder: Path, env: dict):
+        self.folder, self.ids = folder, itertools.count()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=folder,
+        )  # fmt: skip
+        self.waiting: dict[str, Future] = {}
+        self.lock = threading.Lock()
+
+    def ready(self) -> dict:
+        hello = json.loads(self.proc.stdout.readline() or "{}")
+        threading.Thread(target=self._answers, daemon=True).start()
+        return hello
+
+    def _answers(self) -> None:
+        for line in self.proc.stdout:
+            answer = json.loads(line)
+            with self.lock:
+                self.waiting.pop(answer["id"]).set_result(answer["rc"])
+
+    def run(self, ws: Path, *argv: str, prog="obliviate", timeline=None,
+            kill_in_dvc_lock_write=False, **env) -> Ran:  # fmt: skip
+        job = f"{next(self.ids)}"
+        out, err = self.folder / f"{job}.out", self.folder / f"{job}.err"
+        done: Future = Future()
+        line = {"id": job, "prog": prog, "argv": list(argv), "cwd": str(ws), "env": env,
+                "stdout": str(out), "stderr": str(err), "timeline": timeline and str(timeline),
+                "kill_in_dvc_lock_write": kill_in_dvc_lock_write}  # fmt: skip
+        with self.lock:
+            self.waiting[job] = done
+            self.proc.stdin.write(json.dumps(line) + "\n")
+            self.proc.stdin.flush()
+        rc = done.result(timeout=600)
+        ran = Ran(rc, out.read_text(), err.read_text())
+        out.unlink(), err.unlink()
+        return ran
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(120)
+
+
+@pytest.fixture(scope="module")
+def cli(template, tmp_path_factory):
+    """The warm process and one real Prefect server (its database copied from the template's,
+    already migrated), started side by side."""
+    folder = tmp_path_factory.mktemp("forked-cli")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    (folder / "server").mkdir()
+    for db in (template / ".prefect").glob("prefect.db*"):
+        shutil.copy(db, folder / "server")
+    quiet = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    log = folder / "server.log"
+    server_env = {**env_for(folder), **quiet, "PREFECT_HOME": str(folder / "server")}
+    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                    "--port", str(port), "--no-services", "--no-ui"], server_env, log)  # fmt: skip
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    forked = ForkedCLI(folder, {**env_for(folder), **quiet, "PREFECT_API_URL": url,
+                                "PREFECT_HOME": str(folder / "client"),
+                                "PYTHONPATH": python_path})  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        hello = forked.ready()
+        assert "ready" in hello, "tests/forked_cli.py did not start"
+        wait_for(lambda: api(url, "/health") is True, 180, "the Prefect server", [log])
+        print(f"\nwarm process {hello['ready']:.1f} s ({hello['threads']} thread(s)), "
+              f"server up after {time.monotonic() - t0:.1f} s")  # fmt: skip
+        yield forked
+    finally:
+        forked.close()
+        stop(server)
+
+
+def state(ws: Path, cli: ForkedCLI) -> dict:
+    """final_state, plus the journal, the inbox's raw ids, git and the refreshed metrics."""
+    from obliviate import inbox
+    from obliviate.audit import read_records
+    from obliviate.config import load_config
+
+    got = final_state(ws, dvc=lambda ws: cli.run(ws, "status", prog="dvc").out.strip())
+    cfg = load_config(ws / "params.yaml")
+    journal = [json.loads(p.read_text()) for p in (cfg.paths.state / "requests").glob("*.json")]
+    git = [["git", "rev-list", "--count", "HEAD"], ["git", "status", "--porcelain"]]
+    requests = inbox.entries(cfg)
+    got |= {
+        "journal": sorted((e["status"], len(e["ids"])) for e in journal),
+        "raw_ids": [e["request_id"] for e in requests if e.get("ids")],
+        # every request names the deletion the audit holds (not one that never landed)
+        "by_audited": {e.get("deletion") for e in requests}
+        <= {r["request_id"] for r in read_records(cfg.paths.audit)},
+        "git": [subprocess.run(c, cwd=ws, capture_output=True, text=True).stdout for c in git],
+        "metrics": {p.name: json.loads(p.read_text()) for p in cfg.paths.metrics.glob("*.json")},
+    }
+    return got
+
+
+def differences(got: dict, want: dict, requests: int = 1) -> list[str]:
+    """The keys of ``got`` that differ from ``want``, the inbox holding ``requests`` requests."""
+    same = {k: np.array_equal(got[k], want[k]) if k == "rows" else got[k] == want[k] for k in want}
+    same["inbox"] = got["inbox"] == want["inbox"] * requests
+    return [k for k, ok in same.items() if not ok]
+
+
+@dataclass
+class Kill:
+    path: str  # "forget" or "drain"
+    delay: float | None  # seconds after the lock (None: a fixed crash point)
+    landed: str | None  # the last crash point passed when it fired (None: it did not fire)
+    seconds: float
+    known_bug: str | None = None  # what went wrong, if it is the EMPTY_DVC_LOCK bug
+
+
+def copy_of(template: Path, ws: Path) -> Path:
+    shutil.copytree(template, ws, symlinks=True, ignore=shutil.ignore_patterns(".prefect"))
+    return ws
+
+
+@dataclass
+class Reference:
+    sid: str
+    old: dict  # the template's state
+    new: dict  # after one uninterrupted `obliviate forget sid`
+    span: float  # seconds its drain held the writer lock
+    events: list[tuple[str, float]]  # (crash point, seconds after the lock) in that run
+
+
+@pytest.fixture(scope="module")
+def reference(cli, template, tmp_path_factory) -> Reference:
+    """Uninterrupted deletions through the CLI, two at a time as the kills will run (so they time
+    the locked section under the same load), each timed by its crash points. Both must end in
+    the same state, bit for bit: the new state every kill must end in."""
+    folder = tmp_path_factory.mktemp("reference")
+    sid, _ = unique_sample(template)
+    old = state(copy_of(template, folder / "old"), cli)
+
+    def run(ws: Path) -> tuple[dict, list[tuple[str, float]]]:
+        copy_of(template, ws)
+        done = cli.run(ws, "forget", sid, timeline=ws.with_suffix(".timeline"))
+        assert done.rc == 0 and done.out.startswith("forgot 1 sample(s)"), done.err
+        lines = ws.with_suffix(".timeline").read_text().splitlines()
+        return state(ws, cli), [(name, float(t)) for name, t in map(str.split, lines)]
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        runs = list(pool.map(run, [folder / f"ws{i}" for i in range(PARALLEL)]))
+    (new, times), *others = runs
+    assert all(not differences(other, new) for other, _ in others)  # deterministic
+    assert sid not in new["ids"] and len(new["models"]) == 1 and new["inbox"] == ["done"]
+    assert "up to date" in new["dvc"] and new["git"][1] == "" and new["staging"] == []
+    spans = [dict(t)["unlock"] - dict(t)["lock"] for _, t in runs]
+    lock = dict(times)["lock"]
+    events = [(name, t - lock) for name, t in times if name not in ("lock", "unlock")]
+    return Reference(sid, old, new, float(np.mean(spans)), events)
+
+
+def kill_and_recover(cli, template, ws: Path, ref: Reference, path: str,
+                     delay: float | None = None, point: str | None = None) -> Kill:  # fmt: skip
+    """One kill in a fresh copy, recovery by the user's next command, the state check."""
+    t0 = time.monotonic()
+    copy_of(template, ws)
+    log = ws.with_suffix(".log")
+    if point == DVC_LOCK_WRITE:
+        fault = {"kill_in_dvc_lock_write": True}
+    elif point:
+        fault = {"OBLIVIATE_CRASH_AT": point}
+    else:
+        fault = {"OBLIVIATE_KILL_AFTER": f"{delay:.3f}", "OBLIVIATE_KILL_LOG": str(log)}
+    if path == "forget":
+        victim = cli.run(ws, "forget", ref.sid, **fault)
+    else:
+        assert cli.run(ws, "request", ref.sid).rc == 0
+        victim = cli.run(ws, "drain", **fault)
+    where = f"{path} killed at {point or f'{delay:.2f} s'}"
+    assert victim.rc in (-9, 0), f"{where}: it failed instead:\n{victim.err}"
+    assert victim.rc == -9 or not point, f"{where}: never passed that point"
+    landed, empty_lock = None, False
+    if victim.rc == -9:  # else the kill was due after the drain: nothing to recover
+        landed = point or log.read_text().strip()
+        empty_lock = (ws / "dvc.lock").stat().st_size == 0
+        where += f" ({landed}{', dvc.lock left empty' if empty_lock else ''})"
+        # the user's next command: the same forget again, or the next drain
+        again = cli.run(ws, "forget", ref.sid) if path == "forget" else cli.run(ws, "drain")
+        assert again.rc == 0 and "Traceback" not in again.err, f"{where}:\n{again.err}"
+        if path == "forget":  # reported done, never "already forgotten"
+            assert again.out.startswith("forgot 1 sample(s)"), f"{where}: {again.out}"
+        else:  # finished once
+            assert again.out.startswith("drained: 1 request(s) done"), f"{where}: {again.out}"
+    got = state(ws, cli)
+    # A forget killed before its drain claimed its request leaves it queued; the retry queues
+    # its own and one deletion finishes both. (One killed later is running: the retry joins it.)
+    counts = [1, 2] if landed == "start" else [1]
+    wrong = min((differences(got, ref.new, n) for n in counts), key=len)
+    kill = Kill(path, delay, landed, time.monotonic() - t0)
+    if wrong:
+        old = "" if differences(got, ref.old) else " (this is the old state: the request was lost)"
+        diff = "".join(f"\n  {k}: {got[k]!r:.300} != {ref.new[k]!r:.300}" for k in wrong
+                       if k != "rows")  # fmt: skip
+        kill.known_bug = f"{where}: after recovery {wrong} differ from an uninterrupted deletion's"
+        kill.known_bug += old + diff
+        assert empty_lock, kill.known_bug  # else not the known bug
+    shutil.rmtree(ws)
+    return kill
+
+
+def test_random_sigkills_through_the_cli_leave_the_old_or_the_new_state(
+    cli, template, reference, tmp_path
+):
+    t_start = time.monotonic()
+    seed = int(os.environ.get("OBLIVIATE_KILL_SEED", random.randrange(1 << 32)))
+    print(f"random-kill seed {seed} (OBLIVIATE_KILL_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    span = reference.span
+    points = ", ".join(f"{t:.2f} {name}" for name, t in reference.events)
+    print(f"the reference deletions held the writer lock {span:.2f} s (mean); crash points at "
+          f"{points}")  # fmt: skip
+
+    # One delay in each of 20 equal slices of the locked section; 12 forget, 8 drain, shuffled.
+    n = FORGET_KILLS + DRAIN_KILLS
+    paths = ["forget"] * FORGET_KILLS + ["drain"] * DRAIN_KILLS
+    rng.shuffle(paths)
+    plan = [(p, span * (i + rng.random()) / n, None) for i, p in enumerate(paths)]
+    plan += [("forget", None, point) for point in FIXED]
+    kills: list[Kill] = []
+    failures: list[str] = []
+    names = (tmp_path / f"kill-{i}" for i in itertools.count())
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        for _ in range(3):  # a delay past the end of a run kills nothing: draw again
+            runs = [pool.submit(kill_and_recover, cli, template, next(names), reference, path,
+                                delay, point) for path, delay, point in plan]  # fmt: skip
+            for run in runs:
+                try:
+                    kills.append(run.result())
+                except AssertionError as failure:  # every kill's verdict, not only the first
+                    failures.append(str(failure).split("\nassert ")[0])
+            landed = Counter(k.path for k in kills if k.landed and k.delay is not None)
+            short = Counter(forget=FORGET_KILLS, drain=DRAIN_KILLS) - landed
+            plan = [(p, rng.uniform(0, span), None) for p, m in short.items() for _ in range(m)]
+            if not plan or failures:
+                break
+
+    random_kills = [k for k in kills if k.landed and k.delay is not None]
+    where = Counter(k.landed for k in random_kills)
+    print(f"{len(random_kills)} random kills landed ({landed['forget']} forget, {landed['drain']} "
+          f"drain; {sum(k.landed is None for k in kills)} more were due after the end); the last "
+          "crash point each passed:")  # fmt: skip
+    for name, count in sorted(where.items(), key=lambda item: -item[1]):
+        print(f"  {count:3d}  {name:22s} {phase(name)}")
+    print(f"and {len(FIXED)} at fixed points: {', '.join(FIXED)}; per kill with its recovery and "
+          f"checks {np.median([k.seconds for k in kills]):.1f} s (median, {PARALLEL} at a time); "
+          f"{time.monotonic() - t_start:.0f} s in all")  # fmt: skip
+    known = [k.known_bug for k in kills if k.known_bug]
+    if known:
+        print(f"{len(known)} kill(s) hit the known bug ({EMPTY_DVC_LOCK}):", *known, sep="\n")
+    assert not failures, f"{len(failures)} kill(s) went wrong:\n" + "\n".join(failures)
+    assert landed["forget"] >= FORGET_KILLS and landed["drain"] >= DRAIN_KILLS
+    phases = {phase(name) for name in where}
+    assert "retraining" in phases and any(p.startswith("apply") for p in phases), where
+
+
+@pytest.mark.xfail(strict=True, reason=EMPTY_DVC_LOCK)
+def test_a_kill_inside_dvcs_rewrite_of_dvc_lock_is_recovered(cli, template, reference, tmp_path):
+    """DVC rewrites dvc.lock in place: a kill there leaves it empty. Recovery must not version
+    the empty file (it did: no stage to commit, so `git commit` of an empty dvc.lock, exit 0)."""
+    kill = kill_and_recover(
+        cli, template, tmp_path / "ws", reference, "forget", point=DVC_LOCK_WRITE
+    )
+    assert kill.known_bug is None, kill.known_bug

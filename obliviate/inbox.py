@@ -53,15 +53,30 @@ def submit(cfg: Config, ids: list[str], force: bool = False) -> str:
     request: a `forget` retried after a crash finishes it (its deletion may already be in the
     audit, so its ids are not refused as forgotten) instead of queuing a second one."""
     require_local(cfg.paths.store)
-    for e in entries(cfg):
-        if e["status"] == "running" and sorted(e["ids"]) == sorted(ids) and e["force"] == force:
-            return e["request_id"]
+    joined = _running_with(cfg, ids, force)
+    if joined:
+        return joined
     plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)  # unknown, forgotten, unsafe
     request_id = f"req-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entry = {"request_id": request_id, "status": "queued", "ids": list(ids), "force": force,
              "n_samples": len(ids), "submitted_at": _now(), "order": time.time_ns()}  # fmt: skip
     _write(inbox_dir(cfg), entry)
     return request_id
+
+
+def _running_with(cfg: Config, ids: list[str], force: bool) -> str | None:
+    """The request a killed drain left running with these ids, if any (a damaged request file
+    is skipped here: queuing needs no other request, the drain names it)."""
+    folder = inbox_dir(cfg)
+    for path in sorted(folder.glob("req-*.json")) if folder.is_dir() else []:
+        try:
+            e = _read(path)
+        except RequestError:
+            continue
+        same = sorted(e.get("ids", [])) == sorted(ids) and e.get("force") == force
+        if e["status"] == "running" and same:
+            return e["request_id"]
+    return None
 
 
 def entries(cfg: Config) -> list[dict]:

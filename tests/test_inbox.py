@@ -201,3 +201,10 @@ def test_a_drain_killed_before_the_metric_refresh_is_finished_by_the_same_forget
     assert again["status"] == "done" and "ids" not in again
     assert record["request_id"] == again["deletion"]
     assert (trained.paths.metrics / "evaluate.json").exists()  # the refresh it missed
+
+
+def test_a_damaged_request_file_does_not_stop_queuing_another(prepared):
+    folder = inbox.inbox_dir(prepared)
+    folder.mkdir(parents=True)
+    (folder / "req-20990101T000000-abcdef.json").write_text("{torn")
+    assert inbox.submit(prepared, ids_of(prepared, 2, 1)).startswith("req-")

@@ -328,7 +328,9 @@ def drain(
     try:
         with txn.State.of(cfg).lock(wait):
             arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
-            return _drain(cfg, request, refresh)
+            out = _drain(cfg, request, refresh)
+        crashpoint("after_unlock")  # a timed kill from here on comes after the deletion
+        return out
     except ObliviateError:
         if request is not None:
             inbox.withdraw(cfg, request)  # only while it is still queued: never claimed

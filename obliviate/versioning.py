@@ -119,6 +119,7 @@ def commit(cfg: Config, paths: list[Path], message: str) -> str:
     root = cfg.root
     if not is_dvc_project(root):
         return "no DVC project"
+    restore_dvc_lock(root)
     stages = stages_writing(root, paths)
     crashpoint("before_dvc_commit")
     if stages:
@@ -174,8 +175,39 @@ def repair_dvc_locks(root: Path) -> list[str]:
     process of someone else holds a lock here."""
     if not is_dvc_project(root):
         return []
+    restored = restore_dvc_lock(root)
     with _dvc(root, "read its lock state") as repo:
-        return _repair(repo)
+        return restored + _repair(repo)
+
+
+def restore_dvc_lock(root: Path) -> list[str]:
+    """DVC rewrites dvc.lock in place, so a process killed inside `dvc commit` can leave it empty
+    or cut short. Such a file is restored from git's HEAD (the last version committed, which the
+    `dvc commit --force` that follows brings up to date); without one, VersioningError. Call
+    under obliviate's writer lock."""
+    lock = root / "dvc.lock"
+    if not lock.is_file() or _readable_lock(lock):
+        return []
+    shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True)
+    if shown.returncode != 0 or not shown.stdout.strip():
+        raise VersioningError(
+            f"{lock} is damaged (empty or cut short, as a process killed inside `dvc commit` "
+            "leaves it) and git holds no earlier version; run `dvc commit --force` for the "
+            "stages that ran here, then run the command again."
+        )
+    fresh = lock.with_name(".dvc.lock.obliviate")
+    fresh.write_bytes(shown.stdout)
+    os.replace(fresh, lock)
+    log.warning("restored %s from git's HEAD: a killed dvc commit had left it damaged", lock)
+    return [f"{lock} was damaged; restored from HEAD"]
+
+
+def _readable_lock(lock: Path) -> bool:
+    try:
+        content = yaml.safe_load(lock.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and isinstance(content.get("stages"), dict)
 
 
 def _repair(repo) -> list[str]:

@@ -47,11 +47,6 @@ pytest_plugins = ["e2e"]  # the session's template workspace
 FORGET_KILLS, DRAIN_KILLS = 12, 8  # random kills that must land (a process killed mid-drain)
 FIXED = ["before_dvc_commit", "before_git_commit", "refresh_metrics"]  # through forget, on top
 DVC_LOCK_WRITE = "inside DVC's write of dvc.lock"  # (tests/forked_cli.py kills the child there)
-# A known bug, in obliviate/versioning.py (reported, not fixed here): DVC rewrites dvc.lock in
-# place, so a kill inside `dvc commit` can leave it empty; recovery then finds no stage to
-# commit and git-commits the empty dvc.lock, reporting success. The random kills that hit it are
-# listed, not failed; the strict xfail below reproduces it. Once fixed: drop both.
-EMPTY_DVC_LOCK = "a kill inside DVC's in-place rewrite of dvc.lock: recovery commits it empty"
 PARALLEL = 2
 # phases the random kills must reach: (first, last) crash point of each one's time window
 COVER = {
@@ -204,7 +199,7 @@ class Kill:
     delay: float | None  # seconds after the lock (None: a fixed crash point)
     landed: str | None  # the last crash point passed when it fired (None: it did not fire)
     seconds: float
-    known_bug: str | None = None  # what went wrong, if it is the EMPTY_DVC_LOCK bug
+    empty_lock: bool = False  # it left dvc.lock empty (killed inside DVC's rewrite of it)
 
 
 def copy_of(template: Path, ws: Path) -> Path:
@@ -293,14 +288,14 @@ def kill_and_recover(cli, template, ws: Path, ref: Reference, path: str,
     # its own and one deletion finishes both. (One killed later is running: the retry joins it.)
     counts = [1, 2] if landed == "start" else [1]
     wrong = min((differences(got, ref.new, n) for n in counts), key=len)
-    kill = Kill(path, delay, landed, time.monotonic() - t0)
+    kill = Kill(path, delay, landed, time.monotonic() - t0, empty_lock)
     if wrong:
         old = "" if differences(got, ref.old) else " (this is the old state: the request was lost)"
         diff = "".join(f"\n  {k}: {got[k]!r:.300} != {ref.new[k]!r:.300}" for k in wrong
                        if k != "rows")  # fmt: skip
-        kill.known_bug = f"{where}: after recovery {wrong} differ from an uninterrupted deletion's"
-        kill.known_bug += old + diff
-        assert empty_lock, kill.known_bug  # else not the known bug
+        raise AssertionError(
+            f"{where}: after recovery {wrong} differ from an uninterrupted deletion's{old}{diff}"
+        )
     shutil.rmtree(ws)
     return kill
 
@@ -371,20 +366,17 @@ def test_random_sigkills_through_the_cli_leave_the_old_or_the_new_state(
     print(f"and {len(FIXED)} at fixed points: {', '.join(FIXED)}; per kill with its recovery and "
           f"checks {np.median([k.seconds for k in kills]):.1f} s (median, {PARALLEL} at a time); "
           f"{time.monotonic() - t_start:.0f} s in all")  # fmt: skip
-    known = [k.known_bug for k in kills if k.known_bug]
-    if known:
-        print(f"{len(known)} kill(s) hit the known bug ({EMPTY_DVC_LOCK}):", *known, sep="\n")
     assert not failures, f"{len(failures)} kill(s) went wrong:\n" + "\n".join(failures)
     assert by_path["forget"] >= FORGET_KILLS and by_path["drain"] >= DRAIN_KILLS
     phases = {phase(name) for name in where}
     assert all(any(p.startswith(wanted) for p in phases) for wanted in COVER), where
 
 
-@pytest.mark.xfail(strict=True, reason=EMPTY_DVC_LOCK)
 def test_a_kill_inside_dvcs_rewrite_of_dvc_lock_is_recovered(cli, template, reference, tmp_path):
-    """DVC rewrites dvc.lock in place: a kill there leaves it empty. Recovery must not version
-    the empty file (it did: no stage to commit, so `git commit` of an empty dvc.lock, exit 0)."""
+    """DVC rewrites dvc.lock in place: a kill there leaves it empty. Recovery restores it from
+    git's HEAD before committing (it used to find no stage to commit and git-commit the empty
+    file, exit 0), and the state is the new one."""
     kill = kill_and_recover(
         cli, template, tmp_path / "ws", reference, "forget", point=DVC_LOCK_WRITE
     )
-    assert kill.known_bug is None, kill.known_bug
+    assert kill.landed == DVC_LOCK_WRITE and kill.empty_lock  # and yet: the new state

@@ -286,3 +286,17 @@ def test_a_stage_that_cannot_be_committed_is_named_before_anything_changes(proje
     with pytest.raises(VersioningError, match=r"dvc\.yaml no longer defines"):
         require_versionable(project, [out])
     require_versionable(project, [project.root / "other.bin"])  # no stage writes it: nothing
+
+
+def test_a_dvc_lock_left_empty_by_a_kill_is_restored_from_head_before_the_commit(project):
+    (project.root / "dvc.lock").write_text("")  # DVC rewrites it in place; a kill can leave this
+    assert new_version(project) == "dvc+git"
+    assert lock_outs(project.root)["make"] == [("out.bin", md5(V2))]  # restored, then updated
+    assert "up to date" in dvc(project, "status").stdout
+    subprocess.run(["git", "rm", "-q", "--cached", "dvc.lock"], cwd=project.root, check=True)
+    subprocess.run(["git", "commit", "-qm", "untrack"], cwd=project.root, check=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})  # fmt: skip
+    (project.root / "dvc.lock").write_text("stages:\n  make:\n    cmd: [")  # cut short
+    with pytest.raises(VersioningError, match="git holds no earlier version"):
+        new_version(project)

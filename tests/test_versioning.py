@@ -186,11 +186,12 @@ def test_a_hardlink_repo_lock_left_by_a_kill_is_one_sentence(project):
 
 def test_a_damaged_dvc_lock_or_dvc_yaml_is_one_sentence(project):
     cfg = project
+    # not YAML (cut short, as a kill inside DVC's rewrite leaves it): restored from HEAD instead
     (cfg.root / "dvc.lock").write_text("stages: [\n  truncated")
-    with pytest.raises(VersioningError, match=r"dvc.lock is damaged.*git checkout -- dvc.lock"):
-        new_version(cfg)
+    assert new_version(cfg) == "dvc+git"
+    # YAML, but not DVC's shape (an edit, a bad merge): not ours to replace
     (cfg.root / "dvc.lock").write_text("stages:\n  make:\n    outs: 5\n")
-    with pytest.raises(VersioningError, match=r"dvc.lock is damaged"):
+    with pytest.raises(VersioningError, match=r"dvc.lock is damaged.*git checkout -- dvc.lock"):
         new_version(cfg)
     subprocess.run(["git", "checkout", "--", "dvc.lock"], cwd=cfg.root, check=True)
     (cfg.root / "dvc.yaml").write_text("stages: [\n  truncated")

@@ -259,8 +259,13 @@ def migrate(cfg, candidates) -> tuple[int, int]:
 
 
 def redact(text: str, ids: list[str], hasher: IdHasher | None) -> str:
-    """A reason fit to keep: every sample id in it replaced by its keyed hash's first 12 digits
-    (by ``<id>`` without a hasher)."""
+    """A reason fit to keep: every sample id in it (raw, or as messages show it: escaped, a long
+    one cut) replaced by its keyed hash's first 12 digits (by ``<id>`` without a hasher)."""
+    from obliviate.requests import shown_id
+
     for i in sorted(ids, key=len, reverse=True):
-        text = text.replace(i, f"<id:{hasher(i)[:12]}>" if hasher else "<id>")
+        token = f"<id:{hasher(i)[:12]}>" if hasher else "<id>"
+        shown = shown_id(i)  # how messages print it: escaped, a long one cut
+        for form in (i, shown, shown.split("... (")[0]):
+            text = text.replace(form, token)
     return text

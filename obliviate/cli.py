@@ -281,7 +281,8 @@ def forget(
 
     start = time.perf_counter()
     request_id = inbox.submit(cfg, wanted, force)  # refuses bad ids before anything is written
-    r = flows.drain.drain_flow(str(params.resolve()), request_id, wait)
+    with inbox.withdrawn_unless_claimed(cfg, request_id):
+        r = flows.drain.drain_flow(str(params.resolve()), request_id, wait)
     seconds = time.perf_counter() - start
     entry = inbox.get(cfg, request_id)
     if entry["status"] == "refused":

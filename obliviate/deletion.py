@@ -88,9 +88,12 @@ def compute(
     that evaluation is the audit record's accuracy. The test-set metric comes after the commit
     (``refresh_metrics``). A user error on the way (a damaged block found mid-sweep, a model
     that no longer builds) closes the journal entry as refused, with the ids redacted, and
-    drops the staging folder, so that recovery does not retry it forever."""
+    drops the staging folder, so that recovery does not retry it forever. A store that does not
+    fit today's params, model or device stops it without closing the entry: that is fixed by
+    restoring them, and recovery then finishes the request."""
+    usable = _usable_store(cfg)  # else stop, journal kept: restoring the params finishes it
     try:
-        return _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan)
+        return _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan, usable)
     except ObliviateError as exc:
         why = redact(str(exc), ids, IdHasher.of(cfg))
         state = txn.State.of(cfg)
@@ -99,10 +102,10 @@ def compute(
         raise
 
 
-def _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan) -> dict:
+def _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan, usable) -> dict:
     start = time.time()
     plan = plan or plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
-    store, trainer = _usable_store(cfg)
+    store, trainer = usable
     guard = Guard(cfg, trainer, store, exclude=plan.get(0, []))  # never judge on what leaves
     before = store.read_params(store.n_blocks)
     manifest = read_manifest(cfg.paths.blocks)
@@ -319,22 +322,17 @@ def drain(
 
     Under the writer lock: finish what a crash interrupted, settle requests a killed drain left
     running, claim the queued requests, check everything a deletion needs (else one sentence and
-    the requests stay queued; a named ``request`` is withdrawn, so nothing of it stays), mark
+    the requests stay queued; a direct forget withdraws its own, see ``forget``), mark
     them running, journal one deletion for their ids, execute it (one transaction per planned
     sweep), refresh the test metric and the verdict once, then mark them done. A failure's
     message names ids only by their keyed hash: it may end up in Prefect's database. ``wait``:
     how long to wait for another writer (None: as long as it takes, 0: not at all)."""
     require_local(cfg.paths.store)
-    try:
-        with txn.State.of(cfg).lock(wait):
-            arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
-            out = _drain(cfg, request, refresh)
-        crashpoint("after_unlock")  # a timed kill from here on comes after the deletion
-        return out
-    except ObliviateError:
-        if request is not None:
-            inbox.withdraw(cfg, request)  # only while it is still queued: never claimed
-        raise
+    with txn.State.of(cfg).lock(wait):
+        arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
+        out = _drain(cfg, request, refresh)
+    crashpoint("after_unlock")  # a timed kill from here on comes after the deletion
+    return out
 
 
 def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
@@ -381,18 +379,27 @@ def _existing_hasher(cfg: Config) -> IdHasher | None:
         return None
 
 
-def forget(cfg: Config, ids: list[str], force: bool = False, refresh: bool = True) -> dict:
+def forget(
+    cfg: Config,
+    ids: list[str],
+    force: bool = False,
+    refresh: bool = True,
+    wait: float | None = None,
+) -> dict:
     """Forget samples by id now, in this process: queue them and drain that request (what
     `obliviate forget` does through the Prefect flow). Returns the deletion's audit record;
     ``report`` draws its plot."""
     request = inbox.submit(cfg, ids, force)
-    out = drain(cfg, request, refresh)
+    with inbox.withdrawn_unless_claimed(cfg, request):
+        out = drain(cfg, request, refresh, wait)
     entry = inbox.get(cfg, request)
     if entry["status"] == "refused":
         raise RequestError(entry["reason"])
     if out.record is None:  # its ids were forgotten by a deletion that recovery finished
-        by = out.recovered or [entry["deletion"]]
-        done = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(tuple(by))]
+        by = tuple(out.recovered or [entry.get("deletion") or ""])
+        done = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(by)]
+        if not done:
+            raise RequestError("the samples were already forgotten by an earlier deletion.")
         return {**done[-1], "sweeps": done}
     return out.record
 

@@ -14,10 +14,12 @@ trace of a forgotten sample that anyone without the key could test a guessed id 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +195,18 @@ def claim(cfg: Config, only: str | None = None) -> Batch:
         ids += new
         force = force or e["force"]
     return Batch(accepted, refused, ids, force)
+
+
+@contextlib.contextmanager
+def withdrawn_unless_claimed(cfg: Config, request_id: str) -> Iterator[None]:
+    """For a direct forget: if draining its request fails or is interrupted before a drain
+    claimed it (a held lock, Ctrl-C, a refused check), withdraw it, so that nothing of it stays
+    and no later drain forgets what the user saw fail."""
+    try:
+        yield
+    except BaseException:
+        withdraw(cfg, request_id)
+        raise
 
 
 def withdraw(cfg: Config, request_id: str) -> None:

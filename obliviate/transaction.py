@@ -374,7 +374,9 @@ def recover(cfg: Config, run_request) -> list[str]:
     """Finish what a crash interrupted; ``run_request(cfg, entry)`` re-runs a journaled request."""
     state = State.of(cfg)
     drop_incomplete(state)
-    versioning.repair_dvc_locks(cfg.root)  # a deletion killed inside DVC can leave them broken
+    versioning.repair_dvc_locks(
+        cfg.root, cfg.paths.state
+    )  # a deletion killed inside DVC can leave them broken
     done = []
     for request_id in staged_ids(state):
         apply(cfg, request_id)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,9 @@ from obliviate.errors import ObliviateError
 from obliviate.faults import crashpoint
 
 log = logging.getLogger(__name__)
+
+
+LOCK_BACKUP = "dvc.lock.before"  # in the state folder, while DVC rewrites dvc.lock
 
 
 class VersioningError(ObliviateError):
@@ -119,14 +123,19 @@ def commit(cfg: Config, paths: list[Path], message: str) -> str:
     root = cfg.root
     if not is_dvc_project(root):
         return "no DVC project"
-    restore_dvc_lock(root)
+    restore_dvc_lock(root, cfg.paths.state)
     stages = stages_writing(root, paths)
     crashpoint("before_dvc_commit")
     if stages:
+        backup = cfg.paths.state / LOCK_BACKUP  # DVC rewrites dvc.lock in place: keep it whole
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / "dvc.lock", backup.with_name(f".{LOCK_BACKUP}.tmp"))
+        os.replace(backup.with_name(f".{LOCK_BACKUP}.tmp"), backup)
         with _dvc(root, f"commit stage(s) {', '.join(stages)}") as repo:
             _repair(repo)
             for stage in stages:
                 repo.commit(stage, force=True)
+        backup.unlink()
     if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != 0:
         return "dvc"
     files = [p for p in ("dvc.lock", os.path.relpath(cfg.paths.audit, root)) if (root / p).exists()]
@@ -169,27 +178,40 @@ def _dvc(root: Path, doing: str) -> Iterator:
         ) from None
 
 
-def repair_dvc_locks(root: Path) -> list[str]:
+def repair_dvc_locks(root: Path, state: Path | None = None) -> list[str]:
     """Repair DVC's lock state after a killed DVC process (see the module docstring); returns
     what was repaired. Call under obliviate's writer lock. VersioningError when a live DVC
     process of someone else holds a lock here."""
     if not is_dvc_project(root):
         return []
-    restored = restore_dvc_lock(root)
+    restored = restore_dvc_lock(root, state)
     with _dvc(root, "read its lock state") as repo:
         return restored + _repair(repo)
 
 
-def restore_dvc_lock(root: Path) -> list[str]:
-    """DVC rewrites dvc.lock in place, so a process killed inside `dvc commit` can leave it empty
-    or cut short. Such a file is restored from git's HEAD (the last version committed, which the
-    `dvc commit --force` that follows brings up to date); without one, VersioningError. Call
-    under obliviate's writer lock."""
+def restore_dvc_lock(root: Path, state: Path | None = None) -> list[str]:
+    """DVC rewrites dvc.lock in place, so a process killed inside `dvc commit` can leave it
+    empty or cut short, and a cut can still parse (a stage or a hash missing). ``commit`` keeps
+    the file as it was before DVC touched it in <state>/dvc.lock.before, removed once the commit
+    is done: if it is still there, the commit was interrupted and it is put back (the `dvc commit
+    --force` that follows brings it up to date). Without one, a dvc.lock that is not DVC's YAML
+    is restored from git's HEAD, or VersioningError. Call under obliviate's writer lock."""
     lock = root / "dvc.lock"
+    backup = None if state is None else state / LOCK_BACKUP
+    if backup is not None and backup.is_file():
+        fresh = lock.with_name(".dvc.lock.obliviate")
+        shutil.copyfile(backup, fresh)
+        os.replace(fresh, lock)
+        backup.unlink()
+        log.warning("restored %s as it was before a dvc commit that was interrupted", lock)
+        return [f"{lock} restored from before an interrupted dvc commit"]
     if not lock.is_file() or _readable_lock(lock):
         return []
-    shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True)
-    if shown.returncode != 0 or not shown.stdout.strip():
+    try:  # HEAD:./ is relative to root, also when the git repository starts above it
+        shown = subprocess.run(["git", "show", "HEAD:./dvc.lock"], cwd=root, capture_output=True)
+    except OSError:
+        shown = None
+    if shown is None or shown.returncode != 0 or not shown.stdout.strip():
         raise VersioningError(
             f"{lock} is damaged (empty or cut short, as a process killed inside `dvc commit` "
             "leaves it) and git holds no earlier version; run `dvc commit --force` for the "

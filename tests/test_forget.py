@@ -363,8 +363,6 @@ def test_fsck_names_a_committed_staged_deletion_as_pending(trained):
 def test_a_held_lock_names_its_holder_and_a_refused_forget_leaves_nothing(trained, capfd):
     import os
 
-    from obliviate import inbox
-    from obliviate.deletion import drain
     from obliviate.transaction import LockError, State
 
     cfg = trained
@@ -376,9 +374,8 @@ def test_a_held_lock_names_its_holder_and_a_refused_forget_leaves_nothing(traine
     before = files()
     with State.of(cfg).lock():  # another writer, e.g. a long deletion
         for wait, said in ((0, "holds the writer lock"), (0.3, "still holds the writer lock")):
-            rid = inbox.submit(cfg, [sid])
             with pytest.raises(LockError, match=said) as refused:
-                drain(cfg, rid, wait=wait)
+                forget(cfg, [sid], wait=wait)
             assert f"pid {os.getpid()}" in str(refused.value) and sid not in str(refused.value)
             assert "--wait" in str(refused.value)
     assert "waiting up to 0.3 s for" in capfd.readouterr().err  # visible while it waits

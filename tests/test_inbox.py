@@ -208,3 +208,13 @@ def test_a_damaged_request_file_does_not_stop_queuing_another(prepared):
     folder.mkdir(parents=True)
     (folder / "req-20990101T000000-abcdef.json").write_text("{torn")
     assert inbox.submit(prepared, ids_of(prepared, 2, 1)).startswith("req-")
+
+
+def test_redact_also_replaces_ids_as_messages_show_them():
+    from obliviate.requests import shown_id
+
+    hasher = IdHasher(b"k" * 32)
+    odd, long = "café-1\n", "x/" * 100 + "img.png"  # escaped, and cut to 60 characters
+    text = f"unknown sample id(s) {shown_id(odd)}, {shown_id(long)}"
+    redacted = inbox.redact(text, [odd, long], hasher)
+    assert "caf" not in redacted and "x/x/" not in redacted and redacted.count("<id:") == 2

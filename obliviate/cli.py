@@ -291,8 +291,8 @@ def forget(
         typer.echo(_deletion_lines(cfg, r["record"], len(wanted), seconds))
     else:  # a deletion that recovery finished had forgotten them already
         by = ", ".join(r["recovered"]) or entry.get("deletion") or "an earlier deletion"
-        typer.echo(f"forgot {len(wanted)} sample(s) in {seconds:.1f} s: done by {by}, which a "
-                   "crash had interrupted and this run finished")  # fmt: skip
+        typer.echo(f"forgot {len(wanted)} sample(s) in {seconds:.1f} s: done by {by} (a deletion "
+                   "a crash had interrupted, finished now, or one that ran meanwhile)")  # fmt: skip
 
 
 def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:

@@ -108,6 +108,9 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
         os.replace(tmp, out)
         os.replace(tmp_side, sidecar_path(out))
     except OSError as exc:
+        for p in (tmp, tmp_side):  # the temporary files first: the folders must be empty
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()

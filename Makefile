@@ -31,13 +31,14 @@ format: install
 	ruff check --fix .
 	ruff format .
 
-WORKERS ?= 2                  # pytest-xdist workers; each takes whole test files (shared templates)
+# pytest-xdist workers: tests spread one by one, except groups sharing a session template
+WORKERS ?= 2
 
 test: lint                    ## lint + the whole test suite (slow tests included)
-	pytest -n $(WORKERS) --dist loadfile
+	pytest -n $(WORKERS) --dist loadgroup
 
 test-fast: lint               ## lint + unit tests only
-	pytest -n $(WORKERS) --dist loadfile -m "not slow"
+	pytest -n $(WORKERS) --dist loadgroup -m "not slow"
 
 verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
 	.ci/verify-cycle

@@ -16,7 +16,8 @@ from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
 
 from obliviate.audit import legacy_id_hash
 
-pytestmark = pytest.mark.slow
+# with `make test`, on one xdist worker: the session template (tests/e2e.py) is built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-template")]
 pytest_plugins = ["e2e"]  # the session's template workspace
 
 

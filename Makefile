@@ -31,14 +31,13 @@ format: install
 	ruff check --fix .
 	ruff format .
 
-# pytest-xdist workers: tests spread one by one, except groups sharing a session template
-WORKERS ?= 2
+WORKERS ?= 2                  # pytest-xdist workers; each takes whole test files (shared templates)
 
 test: lint                    ## lint + the whole test suite (slow tests included)
-	pytest -n $(WORKERS) --dist loadgroup
+	pytest -n $(WORKERS) --dist loadfile
 
 test-fast: lint               ## lint + unit tests only
-	pytest -n $(WORKERS) --dist loadgroup -m "not slow"
+	pytest -n $(WORKERS) --dist loadfile -m "not slow"
 
 verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
 	.ci/verify-cycle

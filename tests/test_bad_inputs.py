@@ -28,8 +28,6 @@ from conftest import FORGET, prepare, write_params
 
 from obliviate.config import load_config
 
-pytestmark = pytest.mark.xdist_group("bad-inputs")  # one trained workspace, one worker
-
 LONG_ID = "digits:" + "7" * 9993  # 10,000 characters
 MAX_LINE = 600  # no message echoes a long user value in full
 

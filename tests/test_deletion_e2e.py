@@ -16,8 +16,7 @@ from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
 
 from obliviate.audit import legacy_id_hash
 
-# with `make test`, on one xdist worker: the session template (tests/e2e.py) is built once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-template")]
+pytestmark = pytest.mark.slow
 pytest_plugins = ["e2e"]  # the session's template workspace
 
 

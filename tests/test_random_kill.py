@@ -41,8 +41,7 @@ from conftest import ROOT
 from e2e import env_for, final_state, unique_sample
 from test_serve import api, free_port, start, stop, wait_for
 
-# with `make test`, on one xdist worker: the session template (tests/e2e.py) is built once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-template")]
+pytestmark = pytest.mark.slow
 pytest_plugins = ["e2e"]  # the session's template workspace
 
 FORGET_KILLS, DRAIN_KILLS = 12, 8  # random kills that must land (a process killed mid-drain)

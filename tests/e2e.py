@@ -43,21 +43,29 @@ def sh(ws: Path, *cmd, check=True, **extra) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.fixture(scope="session")
-def template(tmp_path_factory) -> Path:
-    """A digits project (FORGET params) after `dvc repro`, committed to git. Copy it, never
-    change it."""
-    ws = tmp_path_factory.mktemp("template")
+def new_project(ws: Path, message: str = "baseline", **params) -> Path:
+    """A fresh project folder committed to git: the code dvc.yaml depends on, params.yaml with
+    ``params`` replaced, an initialised DVC."""
     copy_project(ws)
-    write_params(ws, **FORGET)
+    write_params(ws, **params)
     (ws / ".gitignore").write_text(
         "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"
     )
     sh(ws, "git", "init", "-q")
     sh(ws, str(BIN / "dvc"), "init", "-q")
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-qm", message)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """A digits project (FORGET params) after `dvc repro`, committed to git. Copy it, never
+    change it."""
+    ws = new_project(tmp_path_factory.mktemp("template"), **FORGET)
     sh(ws, str(BIN / "dvc"), "repro", "-q")
     sh(ws, "git", "add", "-A")
-    sh(ws, "git", "commit", "-qm", "baseline")
+    sh(ws, "git", "commit", "-qm", "after dvc repro")
     return ws
 
 

@@ -9,24 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_project, write_params
-from e2e import BIN, sh
+from e2e import BIN, new_project, sh
 
 pytestmark = pytest.mark.slow
 
 
 def workspace(ws: Path, **params) -> Path:
-    """A fresh project folder: the code dvc.yaml depends on, params.yaml, git and DVC."""
-    copy_project(ws)
-    write_params(ws, **params)
-    (ws / ".gitignore").write_text(
-        "/data/blocks\n/data/test.npz\n/models/\n/metrics\n/reports\n/.obliviate/\n/.prefect/\n"
-    )
-    sh(ws, "git", "init", "-q")
-    sh(ws, str(BIN / "dvc"), "init", "-q")
-    sh(ws, "git", "add", "-A")
-    sh(ws, "git", "commit", "-qm", "my data")
-    return ws
+    """A fresh project folder of the user's data: the code, params.yaml, git and DVC."""
+    return new_project(ws, "my data", **params)
 
 
 def build(ws: Path, min_backdoor: float) -> dict:

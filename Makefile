@@ -31,7 +31,8 @@ format: install
 	ruff check --fix .
 	ruff format .
 
-WORKERS ?= 2                  # pytest-xdist workers; each takes whole test files (shared templates)
+# pytest-xdist workers; each takes whole test files (modules share session templates)
+WORKERS ?= 2
 
 test: lint                    ## lint + the whole test suite (slow tests included)
 	pytest -n $(WORKERS) --dist loadfile

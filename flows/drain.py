@@ -34,4 +34,6 @@ def drain_flow(
         "recovered": out.recovered,
         "done": [e["request_id"] for e in out.done],
         "refused": [e["request_id"] for e in out.refused],
+        "seconds": out.seconds,  # by phase (obliviate.deletion.Drained)
+        "committed_unix": out.committed_unix,
     }

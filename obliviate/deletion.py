@@ -79,6 +79,7 @@ def compute(
     plan: dict | None = None,
     journal_id: str | None = None,
     sweep_plan: dict | None = None,
+    trainer: Trainer | None = None,
 ) -> dict:
     """Retrain, stitch, judge and stage one deletion (nothing visible changes yet).
 
@@ -90,8 +91,9 @@ def compute(
     that no longer builds) closes the journal entry as refused, with the ids redacted, and
     drops the staging folder, so that recovery does not retry it forever. A store that does not
     fit today's params, model or device stops it without closing the entry: that is fixed by
-    restoring them, and recovery then finishes the request."""
-    usable = _usable_store(cfg)  # else stop, journal kept: restoring the params finishes it
+    restoring them, and recovery then finishes the request. ``trainer``: the one the drain's
+    checks built for these blocks, to reuse (None: build one)."""
+    usable = _usable_store(cfg, trainer)  # else stop, journal kept
     try:
         return _compute(cfg, request_id, ids, force, plan, journal_id, sweep_plan, usable)
     except ObliviateError as exc:
@@ -166,21 +168,22 @@ def _nothing_retrained() -> dict:
             "deltas": [], "fits": []}  # fmt: skip
 
 
-def refresh_metrics(cfg: Config, after: str) -> dict:
+def refresh_metrics(cfg: Config, after: str, trainer: Trainer | None = None) -> dict:
     """After a deletion is committed: the served model's test accuracy (metrics/evaluate.json)
     and, where the verifying owner can be judged, the backdoor gate (metrics/verify.json, else
     marked stale), versioned as their DVC stages. Off the deletion's critical path: a crash or a
     failure here leaves stale metrics that `dvc repro` refreshes, never a half-done deletion, so
-    a failure is returned (``stale``: its sentence), not raised."""
+    a failure is returned (``stale``: its sentence), not raised. ``trainer``: one already built
+    for this model, to evaluate with."""
     try:
-        return _refresh_metrics(cfg, after)
+        return _refresh_metrics(cfg, after, trainer)
     except ObliviateError as exc:
         return {"accuracy": None, "versioned": None, "stale": str(exc)}
 
 
-def _refresh_metrics(cfg: Config, after: str) -> dict:
+def _refresh_metrics(cfg: Config, after: str, trainer: Trainer | None) -> dict:
     store = ParamStore.open(cfg.paths.store)
-    trainer = Trainer.from_config(cfg)
+    trainer = trainer or Trainer.from_config(cfg)
     served = store.read_params(store.n_blocks)
     metrics = {"evaluate.json": {"accuracy": accuracy(trainer, served, cfg),
                                  "n_test": _n_test(cfg), "checkpoint": store.n_blocks}}  # fmt: skip
@@ -211,10 +214,11 @@ def require_same_model(store: ParamStore, trainer: Trainer) -> None:
         )
 
 
-def _usable_store(cfg: Config) -> tuple[ParamStore, Trainer]:
+def _usable_store(cfg: Config, trainer: Trainer | None = None) -> tuple[ParamStore, Trainer]:
     """The store and trainer of a deletion: a local, complete store built from today's params
     and blocks, trained on this device class (replay would not be exact otherwise), else one
-    sentence."""
+    sentence. ``trainer``: reuse one built for the same params and blocks (building one costs
+    about as much as retraining a small block)."""
     require_local(cfg.paths.store)
     store = ParamStore.open(cfg.paths.store)
     store.require_complete()
@@ -224,7 +228,7 @@ def _usable_store(cfg: Config) -> tuple[ParamStore, Trainer]:
             f"{cfg.paths.blocks} hold now; restore the params it was built with, or retrain with "
             "`obliviate train --overwrite`."
         )
-    trainer = Trainer.from_config(cfg)
+    trainer = trainer or Trainer.from_config(cfg)
     require_same_device(store, trainer, allow_inexact=False)
     require_same_model(store, trainer)
     return store, trainer
@@ -244,13 +248,17 @@ def _n_test(cfg: Config) -> int:
         return len(z["y"])
 
 
-def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
+def execute(
+    cfg: Config, entry: dict, plan: dict | None = None, trainer: Trainer | None = None
+) -> dict:
     """Compute and apply a journaled request, one planned sweep after the other.
 
     Each sweep is its own transaction (staged, applied, audited, versioned), named
     ``<request>-b<first block>``; the journal entry is finished with the last one. After a crash
     the request is planned again for the ids not yet forgotten, so finished sweeps are not redone.
-    Returns the last sweep's record, with every sweep's record under ``sweeps``."""
+    Returns the last sweep's record, with every sweep's record under ``sweeps``. ``trainer``:
+    the drain's, built for the blocks as they are now: the first sweep reuses it; a later one
+    builds its own, since an earlier sweep changed the blocks."""
     request_id, force = entry["request_id"], entry["force"]
     gone = Forgotten.of(cfg)
     ids = [i for i in entry["ids"] if i not in gone]  # a resumed request: the rest
@@ -263,7 +271,7 @@ def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
     tail = expected_tail(cfg)
     groups = plan_sweeps(plan, tail)
     if len(groups) == 1:
-        compute(cfg, request_id, ids, force, plan)
+        compute(cfg, request_id, ids, force, plan, trainer=trainer)
         record = txn.apply(cfg, request_id)
         return {**record, "sweeps": [record]}
     outline = {"request": request_id, "expected_tail": tail,
@@ -272,7 +280,16 @@ def execute(cfg: Config, entry: dict, plan: dict | None = None) -> dict:
     for part, group in enumerate(groups, start=1):
         part_id = f"{request_id}-b{min(group)}"
         part_ids = [i for k in sorted(group) for i in group[k]]
-        compute(cfg, part_id, part_ids, force, group, request_id, {**outline, "part": part})
+        compute(
+            cfg,
+            part_id,
+            part_ids,
+            force,
+            group,
+            request_id,
+            {**outline, "part": part},
+            trainer if part == 1 else None,
+        )
         records.append(txn.apply(cfg, part_id))
     return {**records[-1], "sweeps": records}
 
@@ -286,31 +303,36 @@ def recover(cfg: Config, refresh: bool = True) -> list[str]:
     return done
 
 
-def validate(cfg: Config, ids: list[str], force: bool) -> dict[int, list[str]]:
+def validate(cfg: Config, ids: list[str], force: bool) -> tuple[dict[int, list[str]], Trainer]:
     """Everything a deletion checks before it journals anything, each failure one sentence: the
     request (unknown, repeated, forgotten or unsafe ids), a local and complete store trained on
     this device class with a model that builds here, an intact store and blocks (all of them,
     not only what the sweep reads, since the deletion versions the whole workspace with DVC and
     must not record a damaged file as the new version), and DVC stages it can commit. Returns
-    the plan {block: ids}."""
+    the plan {block: ids} and the trainer it built, for the deletion to reuse."""
     require_local(cfg.paths.store)
     plan = plan_deletion(ids, cfg.paths.blocks, Forgotten.of(cfg), force)
     preflight(cfg)
-    _usable_store(cfg)
+    _, trainer = _usable_store(cfg)
     versioning.require_versionable(cfg, [cfg.paths.blocks, cfg.paths.store])
-    return plan
+    return plan, trainer
 
 
 @dataclass
 class Drained:
     """What one drain did: deletions a crash had interrupted and it finished, the requests it
     finished (with those a killed drain left running), the ones it refused, and the record of
-    the deletion it ran (``None`` if nothing was left to forget). Ids appear only as counts."""
+    the deletion it ran (``None`` if nothing was left to forget). Ids appear only as counts.
+    ``seconds``: the wall time of its phases (checks: recovery to the journal; deletion:
+    retraining to the git commit and the cache purge; refresh: the test metric and the verdict,
+    versioned); ``committed_unix``: when its deletion was committed and versioned."""
 
     recovered: list[str] = field(default_factory=list)
     done: list[dict] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
     record: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    committed_unix: float | None = None
 
 
 def drain(
@@ -336,7 +358,7 @@ def drain(
 
 
 def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
-    out, batch = Drained(), None
+    out, batch, trainer, clock = Drained(), None, None, time.perf_counter()
     try:
         inbox.preflight(cfg)
         out.recovered = recover(cfg, refresh=False)
@@ -347,12 +369,15 @@ def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
         batch = inbox.claim(cfg, only=request)
         out.refused += batch.refused
         if batch.ids:
-            plan = validate(cfg, batch.ids, batch.force)
+            plan, trainer = validate(cfg, batch.ids, batch.force)
             deletion_id = txn.new_request_id()
             inbox.mark_running(cfg, batch, deletion_id)
             txn.journal_request(txn.State.of(cfg), deletion_id, batch.ids, batch.force)
+            out.seconds["checks"], clock = time.perf_counter() - clock, time.perf_counter()
             out.record = execute(cfg, {"request_id": deletion_id, "ids": batch.ids,
-                                       "force": batch.force}, plan)  # fmt: skip
+                                       "force": batch.force}, plan, trainer)  # fmt: skip
+            out.seconds["deletion"], clock = time.perf_counter() - clock, time.perf_counter()
+            out.committed_unix = time.time()
     except ObliviateError as exc:  # its message may reach Prefect's database: no raw id
         ids = batch.ids if batch is not None else []
         raise type(exc)(redact(str(exc), ids, _existing_hasher(cfg))) from None
@@ -363,9 +388,10 @@ def _drain(cfg: Config, request: str | None, refresh: bool) -> Drained:
     if refresh and (out.record is not None or finished):
         after = out.record["request_id"] if out.record else finished[-1]
         crashpoint("refresh_metrics")
-        accuracy = refresh_metrics(cfg, after)["accuracy"]
+        accuracy = refresh_metrics(cfg, after, trainer)["accuracy"]
         if out.record is not None:
             out.record["test_accuracy_after"] = accuracy
+        out.seconds["refresh"] = time.perf_counter() - clock
     out.done = [inbox.finish(cfg, e, "done") for e in landed]
     out.done += inbox.mark_done(cfg, batch)  # incl. ids forgotten meanwhile
     return out

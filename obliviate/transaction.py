@@ -290,9 +290,11 @@ def apply(cfg: Config, request_id: str) -> dict:
     write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
     audit.append_record(cfg.paths.audit, txn["record"])
     crashpoint("after_audit")
+    clock = time.perf_counter()
     versioned = versioning.commit(
         cfg, [cfg.paths.blocks, cfg.paths.store], f"obliviate: forget request {request_id}"
     )
+    versioning_s = time.perf_counter() - clock
     crashpoint("after_commit")
     purged = purge_cache(cfg, txn["superseded_md5"])
     remote = purge_remote(cfg, txn["superseded_md5"])
@@ -301,7 +303,9 @@ def apply(cfg: Config, request_id: str) -> dict:
     done = state.staging / f".tmp-{request_id}"  # re-applies (a no-op), never re-runs it;
     os.replace(folder, done)  # renamed first, so a crash mid-removal leaves only a .tmp-
     shutil.rmtree(done)  # folder, which recovery drops
-    return {**txn["record"], "versioned": versioned, "purged_cache_objects": purged, **remote}
+    timings = {**txn["record"]["timings_s"], "versioning": versioning_s}  # DVC and git
+    return {**txn["record"], "timings_s": timings, "versioned": versioned,
+            "purged_cache_objects": purged, **remote}  # fmt: skip
 
 
 def dvc_cache_dir(root: Path) -> Path:

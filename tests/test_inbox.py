@@ -186,7 +186,7 @@ def test_a_drain_killed_before_the_metric_refresh_is_finished_by_the_same_forget
 
     [sid] = ids_of(trained, 4, 1)
 
-    def killed(cfg, after):
+    def killed(cfg, after, trainer=None):
         raise SystemExit("killed")  # the deletion is applied, the metrics are not refreshed
 
     with monkeypatch.context() as m:

@@ -43,12 +43,17 @@ test-fast: lint               ## lint + unit tests only
 verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
 	.ci/verify-cycle
 
-bench: install                ## every table of docs/benchmarks.md and docs/report.md (~2 h)
+bench: install                ## every table of docs/benchmarks.md and docs/report.md (~4 h)
 	export OBLIVIATE_BENCH_COMMIT="$$(python -c 'import sys; sys.path.insert(0, "benchmarks"); \
 	  import stamp; print(stamp.commit())')" && \
 	python benchmarks/stored_training.py && \
 	python benchmarks/deletion.py --case fashion-mnist-lenet5 --case purchase-mlp && \
+	python benchmarks/stitch_point.py && \
 	python benchmarks/stream.py && \
+	python benchmarks/stream.py --max-accuracy-drop 0.0 && \
+	python benchmarks/stream.py --curve-from benchmarks/results/stream.json \
+	  benchmarks/results/stream-drop0.json && \
+	python benchmarks/pretrained.py && \
 	python benchmarks/memory.py && \
 	python benchmarks/sisa.py && \
 	python benchmarks/report.py

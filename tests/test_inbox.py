@@ -218,3 +218,33 @@ def test_redact_also_replaces_ids_as_messages_show_them():
     text = f"unknown sample id(s) {shown_id(odd)}, {shown_id(long)}"
     redacted = inbox.redact(text, [odd, long], hasher)
     assert "caf" not in redacted and "x/x/" not in redacted and redacted.count("<id:") == 2
+
+
+def test_a_drain_builds_one_trainer_and_times_its_phases(trained, monkeypatch):
+    """The fixed costs of a served deletion: the trainer the checks build is the one the sweep
+    and the metric refresh use (building one costs about a small block's retraining), and the
+    drain reports where its time went and when the deletion was committed."""
+    import time
+
+    from obliviate import deletion
+    from obliviate.train import Trainer
+
+    built = []
+    real = Trainer.from_config.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(1)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "from_config", classmethod(counting))
+    request = inbox.submit(trained, ids_of(trained, 4, 1))
+    before = time.time()
+    out = deletion.drain(trained, request)
+    assert out.record is not None and inbox.get(trained, request)["status"] == "done"
+    assert len(built) == 1
+    assert set(out.seconds) == {"checks", "deletion", "refresh"}
+    assert all(s > 0 for s in out.seconds.values())
+    assert before < out.committed_unix < inbox.get(trained, request)["finished_unix"]
+    (sweep,) = out.record["sweeps"]
+    assert 0 < sweep["timings_s"]["retrain"] < sweep["timings_s"]["compute"]
+    assert sweep["timings_s"]["compute"] < out.seconds["deletion"]

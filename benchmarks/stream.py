@@ -232,7 +232,8 @@ def write_curve(files: list[Path], no_docs: bool) -> None:
     runs = sorted((json.loads(f.read_text()) for f in files),
                   key=lambda r: -(r["max_accuracy_drop"] or 1))  # fmt: skip
     lines = [
-        f"| {r['case']} | {r['max_accuracy_drop']} | {r['p50_s']:.2f} s / {r['p95_s']:.2f} s "
+        f"| {r['case']} | {r['max_accuracy_drop']} | {r['requests']} "
+        f"| {r['p50_s']:.2f} s / {r['p95_s']:.2f} s "
         f"| 1/{r['naive_s'] / r['p95_s']:.0f} | {r['stream_s'] / r['naive_s']:.2f} "
         f"| {r['guard_refusals']} | {100 * (r['acc_served'] - r['acc_naive']):+.2f} "
         f"| {r['val_reference']:.4f} → {r['val_last']:.4f} ({r['val_min']:.4f}) "
@@ -240,10 +241,10 @@ def write_curve(files: list[Path], no_docs: bool) -> None:
         for r in runs
     ]
     table = "\n".join([
-        "| data | forget.max_accuracy_drop | latency to done p50 / p95 | p95 / naive "
+        "| data | forget.max_accuracy_drop | requests | latency to done p50 / p95 | p95 / naive "
         "| stream total / naive | deletions the guard extended | served − naive, pp "
         "| validation acc: original → last (min) | measured at commit |",
-        "|---|---|---|---|---|---|---|---|---|", *lines])  # fmt: skip
+        "|---|---|---|---|---|---|---|---|---|---|", *lines])  # fmt: skip
     print(table)
     if not no_docs:
         names = " ".join(str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f)

@@ -50,9 +50,6 @@ bench: install                ## every table of docs/benchmarks.md and docs/repo
 	python benchmarks/deletion.py --case fashion-mnist-lenet5 --case purchase-mlp && \
 	python benchmarks/stitch_point.py && \
 	python benchmarks/stream.py && \
-	python benchmarks/stream.py --max-accuracy-drop 0.0 && \
-	python benchmarks/stream.py --curve-from benchmarks/results/stream.json \
-	  benchmarks/results/stream-drop0.json && \
 	python benchmarks/pretrained.py && \
 	python benchmarks/memory.py && \
 	python benchmarks/sisa.py && \

@@ -77,10 +77,15 @@ def main() -> None:
     parser.add_argument("--curve-from", type=Path, nargs="+", metavar="JSON",
                         help="measure nothing: write the guard trade-off table from the JSON "
                         "of earlier runs")  # fmt: skip
+    parser.add_argument("--tables-from", type=Path, metavar="JSON",
+                        help="measure nothing: write the stream tables from an earlier run's "
+                        "JSON (stamped with the command and commit that measured it)")  # fmt: skip
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' table")
     args = parser.parse_args()
     if args.curve_from:
         return write_curve(args.curve_from, args.no_docs)
+    if args.tables_from:
+        return write_tables(json.loads(args.tables_from.read_text()), args.no_docs)
     default = yaml.safe_load((ROOT / "params.yaml").read_text())["forget"]["max_accuracy_drop"]
     main_run = args.max_accuracy_drop in (None, default)
     suffix = "" if main_run else f"-drop{args.max_accuracy_drop:g}"
@@ -157,9 +162,20 @@ def main() -> None:
         "t_values": [r["t"] for r in records],
         "guard_refusals": sum(r["guard_rejections"] > 0 for r in records),
     }  # fmt: skip
-    (args.out / f"stream{suffix}.json").write_text(
-        json.dumps({**row, "requests_s": requests}, indent=1)
-    )
+    command = "python " + " ".join(["benchmarks/stream.py", *sys.argv[1:]])
+    result = {**row, "command": command, "requests_s": requests}
+    (args.out / f"stream{suffix}.json").write_text(json.dumps(result, indent=1))
+    write_tables(result, no_docs=args.no_docs or not main_run)
+
+
+def one_in(ratio: float) -> str:
+    """1/N for a fraction, N with a decimal while it is small (1/1.5, 1/24)."""
+    return f"1/{ratio:.1f}" if ratio < 10 else f"1/{ratio:.0f}"
+
+
+def write_tables(r: dict, no_docs: bool) -> None:
+    """The stream and phase tables of one run's JSON, stamped with the command and the commit
+    that measured it."""
     table = (
         "| data | requests | latency to commit p50 / p95 | latency to done p50 / p95 "
         "| naive retrain | p95 (done) / naive | stream total / naive "
@@ -167,22 +183,22 @@ def main() -> None:
         "| cons(served, naive) "
         "| validation acc: original → first → last (min) | deletions the guard extended |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        f"| {row['case']} | {row['requests']} "
-        f"| {row['commit_p50_s']:.2f} s / {row['commit_p95_s']:.2f} s "
-        f"| {row['p50_s']:.2f} s / {row['p95_s']:.2f} s "
-        f"| {naive_s:.1f} s | **1/{naive_s / row['p95_s']:.0f}** "
-        f"| {stream_s / naive_s:.2f} "
-        f"| {row['non_training_share_commit_p50']:.0%} / {row['non_training_share_p50']:.0%} "
-        f"| {row['acc_original']:.4f} / {row['acc_served']:.4f} / {row['acc_naive']:.4f} "
-        f"| {row['consistency']:.4f} | {ref:.4f} → {row['val_first']:.4f} → "
-        f"{row['val_last']:.4f} ({row['val_min']:.4f}) | {row['guard_refusals']} |"
+        f"| {r['case']} | {r['requests']} "
+        f"| {r['commit_p50_s']:.2f} s / {r['commit_p95_s']:.2f} s "
+        f"| {r['p50_s']:.2f} s / {r['p95_s']:.2f} s "
+        f"| {r['naive_s']:.1f} s | **{one_in(r['naive_s'] / r['p95_s'])}** "
+        f"| {r['stream_s'] / r['naive_s']:.2f} "
+        f"| {r['non_training_share_commit_p50']:.0%} / {r['non_training_share_p50']:.0%} "
+        f"| {r['acc_original']:.4f} / {r['acc_served']:.4f} / {r['acc_naive']:.4f} "
+        f"| {r['consistency']:.4f} | {r['val_reference']:.4f} → {r['val_first']:.4f} → "
+        f"{r['val_last']:.4f} ({r['val_min']:.4f}) | {r['guard_refusals']} |"
     )
-    tables = {"stream": table, "stream-phases": phases_markdown(row["case"], requests)}
+    tables = {"stream": table, "stream-phases": phases_markdown(r["case"], r["requests_s"])}
     for key, body in tables.items():
         print(body, "\n")
-        if main_run and not args.no_docs:
-            command = "python " + " ".join(["benchmarks/stream.py", *sys.argv[1:]])
-            stamp.write(DOC, key, body, command)
+        if not no_docs:
+            os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]  # the commit that measured it
+            stamp.write(DOC, key, body, r["command"])
 
 
 PHASES = {  # phase: what it covers
@@ -234,7 +250,7 @@ def write_curve(files: list[Path], no_docs: bool) -> None:
     lines = [
         f"| {r['case']} | {r['max_accuracy_drop']} | {r['requests']} "
         f"| {r['p50_s']:.2f} s / {r['p95_s']:.2f} s "
-        f"| 1/{r['naive_s'] / r['p95_s']:.0f} | {r['stream_s'] / r['naive_s']:.2f} "
+        f"| {one_in(r['naive_s'] / r['p95_s'])} | {r['stream_s'] / r['naive_s']:.2f} "
         f"| {r['guard_refusals']} | {100 * (r['acc_served'] - r['acc_naive']):+.2f} "
         f"| {r['val_reference']:.4f} → {r['val_last']:.4f} ({r['val_min']:.4f}) "
         f"| {r['commit']} |"

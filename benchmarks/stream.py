@@ -14,7 +14,8 @@ its consistency with a naive retrain on the final data, and how the validation a
 the guard judges, against the original) drifted.
 
     python benchmarks/stream.py --max-accuracy-drop 0.005   # another guard bound: the curve only
-    python benchmarks/stream.py --curve-from benchmarks/results/stream-*.json   # its table
+    python benchmarks/stream.py --curve-from benchmarks/results/stream.json \
+        benchmarks/results/stream-drop0.005.json             # the trade-off table of both
 
 The main tables are measured at params.yaml's guard bound; a run at another bound writes its
 JSON (stream-drop<bound>.json) and, with ``--curve-from``, the guard's trade-off table.

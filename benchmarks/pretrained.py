@@ -30,10 +30,10 @@ from deletion import one_deletion, pp
 from stored_training import ROOT, case_config
 
 from obliviate import report
-from obliviate.compare import predictions
 from obliviate.config import Config, load_config
 from obliviate.data import load_dataset
 from obliviate.deletion import forget
+from obliviate.evaluate import accuracy
 from obliviate.export import export_model
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
@@ -65,12 +65,6 @@ def split_fashion(work: Path, n_pretrain: int, n_user: int) -> tuple[Path, Path]
     return out[0], out[1]
 
 
-def accuracy(cfg: Config) -> float:
-    trainer = Trainer.from_config(cfg)
-    served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    return float((predictions(cfg, trainer, served) == load_samples(cfg.paths.test).y).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="deletions per position")
@@ -92,7 +86,8 @@ def main() -> None:
     for name, p0 in (("random", None), ("pretrained", init)):
         cfg = project(args.out / name / "ws", user_npz, args.blocks, p0)
         report.build(cfg)
-        originals[name] = accuracy(cfg)
+        served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
+        originals[name] = accuracy(Trainer.from_config(cfg), served, cfg)  # test accuracy
         pristine = args.out / name / "pristine"
         report.snapshot(cfg, pristine)
         y = load_samples(cfg.paths.test).y

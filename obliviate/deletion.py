@@ -280,16 +280,8 @@ def execute(
     for part, group in enumerate(groups, start=1):
         part_id = f"{request_id}-b{min(group)}"
         part_ids = [i for k in sorted(group) for i in group[k]]
-        compute(
-            cfg,
-            part_id,
-            part_ids,
-            force,
-            group,
-            request_id,
-            {**outline, "part": part},
-            trainer if part == 1 else None,
-        )
+        first = trainer if part == 1 else None  # later parts retrain changed blocks
+        compute(cfg, part_id, part_ids, force, group, request_id, {**outline, "part": part}, first)
         records.append(txn.apply(cfg, part_id))
     return {**records[-1], "sweeps": records}
 

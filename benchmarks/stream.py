@@ -8,7 +8,8 @@ scheduled deployment runs it), in a real DVC + git workspace.
 Reports per-request latency, p50 and p95, to two points: the deletion committed (the store,
 blocks and audit changed, versioned with DVC and git, the superseded cache objects purged: the
 sample is gone) and the request marked done (after the test metric and the verdict of the new
-model are refreshed and versioned too); where that time goes, phase by phase; the total wall time
+model are refreshed and versioned too); where that time goes, phase by phase; the served speed-up
+by the position of the sample's block (first tenth, middle fifth, last tenth); the total wall time
 against one naive retrain in the same run; and after the stream: the served model's accuracy and
 its consistency with a naive retrain on the final data, and how the validation accuracy (what
 the guard judges, against the original) drifted.
@@ -144,6 +145,7 @@ def main() -> None:
     ref = next(r["guard"]["reference_accuracy"] for r in records if r["guard"])
     row = {
         "case": f"{cfg.prepare.dataset}/{cfg.train.model} B={cfg.prepare.blocks}",
+        "blocks": cfg.prepare.blocks,
         "requests": args.requests, "p50_s": float(np.percentile(latencies, 50)),
         "p95_s": float(np.percentile(latencies, 95)), "naive_s": naive_s,
         "stream_s": stream_s,
@@ -195,6 +197,8 @@ def write_tables(r: dict, no_docs: bool) -> None:
         f"{r['val_last']:.4f} ({r['val_min']:.4f}) | {r['guard_refusals']} |"
     )
     tables = {"stream": table, "stream-phases": phases_markdown(r["case"], r["requests_s"])}
+    if "blocks" in r:  # runs before the position table have no block per request
+        tables["stream-positions"] = positions_markdown(r)
     for key, body in tables.items():
         print(body, "\n")
         if not no_docs:
@@ -223,7 +227,8 @@ def phases(r: dict, t0: float, done_unix: float, flow_s: float) -> dict:
     inside = sec["checks"] + sec["deletion"] + sec.get("refresh", 0.0)
     return {
         "to commit": r["committed_unix"] - t0, "to done": to_done, "flow": flow_s,
-        "t": r["record"]["t"], "queue and Prefect": to_done - inside, "checks": sec["checks"],
+        "t": r["record"]["t"], "block": min(r["record"]["blocks"]),
+        "queue and Prefect": to_done - inside, "checks": sec["checks"],
         "retraining": retrain, "guard and staging": compute - retrain,
         "apply": sec["deletion"] - compute - versioning, "versioning": versioning,
         "metric refresh": sec.get("refresh", 0.0),
@@ -242,6 +247,39 @@ def phases_markdown(case: str, requests: list[dict]) -> str:
         [f"{case}, {len(requests)} single-sample requests: median seconds by phase.\n",
          "| phase | what | median | share |", "|---|---|---|---|", *lines]
     )  # fmt: skip
+
+
+POSITIONS = {  # name: the share of the blocks it covers, by the request's (first) block
+    "first tenth": (0.0, 0.1),
+    "middle fifth": (0.4, 0.6),
+    "last tenth": (0.9, 1.0),
+    "all": (0.0, 1.0),
+}
+
+
+def positions_markdown(r: dict) -> str:
+    """The served path's speed-up by where the sample sits: naive retrain over the median
+    latency to the commit and to done, for the requests whose block lies in each share of the
+    blocks (the targets name the first, middle and last block)."""
+    lines = []
+    for name, (lo, hi) in POSITIONS.items():
+        qs = [q for q in r["requests_s"] if lo * r["blocks"] < q["block"] <= hi * r["blocks"]]
+        if not qs:
+            lines.append(f"| {name} | 0 | - | - | - | - |")
+            continue
+        commit = statistics.median(q["to commit"] for q in qs)
+        done = statistics.median(q["to done"] for q in qs)
+        lines.append(
+            f"| {name} | {len(qs)} | {statistics.median(q['t'] for q in qs):g} "
+            f"| {commit:.2f} s / {done:.2f} s | **{r['naive_s'] / commit:.1f}x** "
+            f"| {r['naive_s'] / done:.1f}x |"
+        )
+    return "\n".join([
+        f"{r['case']}: requests by the position of their block "
+        f"(naive retrain {r['naive_s']:.1f} s).\n",
+        "| position | requests | t (median) | latency to commit / done (median) "
+        "| served speed-up to commit | to done |",
+        "|---|---|---|---|---|---|", *lines])  # fmt: skip
 
 
 def write_curve(files: list[Path], no_docs: bool) -> None:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         error = None
         if rank == 0:  # rank 0 writes the store, so it takes the writer lock deletions take
             try:
-                held.enter_context(State.of(cfg).lock(wait=0))
+                held.enter_context(State.of(cfg).lock(wait=0, can_wait=False))
             except LockError as exc:
                 error = str(exc)
         Parallel.from_torch().agree(error)  # every rank stops, or none does

@@ -73,10 +73,11 @@ class State:
         return self.root / "staging"
 
     @contextlib.contextmanager
-    def lock(self, wait: float | None = None) -> Iterator[None]:
+    def lock(self, wait: float | None = None, can_wait: bool = True) -> Iterator[None]:
         """The writer lock: one deletion, drain or training at a time. An OS lock (filelock), so
         a killed holder frees it. When it is held, say who holds it and wait ``wait`` seconds
-        (None: as long as it takes; 0: not at all), else LockError."""
+        (None: as long as it takes; 0: not at all), else LockError. ``can_wait``: whether the
+        command has --wait to suggest (torchrun training has not)."""
         from filelock import FileLock, Timeout
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -86,9 +87,10 @@ class State:
         except Timeout:
             who = self._holder()
             if wait == 0:
+                hint = ", or pass --wait SECONDS to wait for it" if can_wait else ""
                 raise LockError(
                     f"{who} holds the writer lock of {self.root}; run again when it has "
-                    "finished, or pass --wait SECONDS to wait for it."
+                    f"finished{hint}."
                 ) from None
             limit = "" if wait is None else f" up to {wait:g} s"
             print(f"waiting{limit} for {who} to release the writer lock of {self.root} ...",

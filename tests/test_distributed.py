@@ -69,4 +69,5 @@ def test_two_processes_match_one_within_tolerance_and_replay_exactly(tmp_path):
     with State.of(ddp).lock():
         blocked = torchrun(params)
     assert blocked.returncode != 0 and "holds the writer lock" in blocked.stderr
+    assert "--wait" not in blocked.stderr  # torchrun training has no --wait to suggest
     assert ParamStore.open(ddp.paths.store).completed == 3  # nothing written

@@ -18,8 +18,9 @@ the guard judges, against the original) drifted.
     python benchmarks/stream.py --curve-from benchmarks/results/stream.json \
         benchmarks/results/stream-drop0.005.json             # the trade-off table of both
 
-The main tables are measured at params.yaml's guard bound; a run at another bound writes its
-JSON (stream-drop<bound>.json) and, with ``--curve-from``, the guard's trade-off table.
+The main tables are measured at params.yaml's guard bound with seed 0; a run at another bound
+or ``--seed`` (other samples requested) writes only its JSON (stream-drop<bound>-seed<N>.json),
+for ``--curve-from`` and the guard's trade-off table.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--case", choices=sorted(CASES), default="fashion-mnist-lenet5")
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which samples to request (another: its JSON only)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--max-accuracy-drop", type=float,
                         help="the guard's bound (default: params.yaml's); another value writes "
@@ -89,8 +92,9 @@ def main() -> None:
     if args.tables_from:
         return write_tables(json.loads(args.tables_from.read_text()), args.no_docs)
     default = yaml.safe_load((ROOT / "params.yaml").read_text())["forget"]["max_accuracy_drop"]
-    main_run = args.max_accuracy_drop in (None, default)
-    suffix = "" if main_run else f"-drop{args.max_accuracy_drop:g}"
+    main_run = args.max_accuracy_drop in (None, default) and args.seed == 0
+    suffix = "" if args.max_accuracy_drop in (None, default) else f"-drop{args.max_accuracy_drop:g}"
+    suffix += f"-seed{args.seed}" if args.seed else ""
     folder = args.out / f"stream-{args.case}{suffix}"
     case_cfg = workspace(args.case, folder, args.max_accuracy_drop)
 
@@ -114,7 +118,7 @@ def main() -> None:
     assert cfg.paths.store == case_cfg.paths.store
     index = SampleIndex.of(cfg.paths.blocks)
     trained = np.flatnonzero(index.block > 0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     picks = [str(index.ids[i]) for i in rng.choice(trained, args.requests, replace=False)]
     test = load_samples(cfg.paths.test)
     trainer = Trainer.from_config(cfg)
@@ -146,7 +150,8 @@ def main() -> None:
     row = {
         "case": f"{cfg.prepare.dataset}/{cfg.train.model} B={cfg.prepare.blocks}",
         "blocks": cfg.prepare.blocks,
-        "requests": args.requests, "p50_s": float(np.percentile(latencies, 50)),
+        "requests": args.requests, "seed": args.seed,
+        "p50_s": float(np.percentile(latencies, 50)),
         "p95_s": float(np.percentile(latencies, 95)), "naive_s": naive_s,
         "stream_s": stream_s,
         "commit_p50_s": float(np.percentile([q["to commit"] for q in requests], 50)),
@@ -285,9 +290,9 @@ def positions_markdown(r: dict) -> str:
 def write_curve(files: list[Path], no_docs: bool) -> None:
     """The guard's trade-off: latency against accuracy, one row per bound measured."""
     runs = sorted((json.loads(f.read_text()) for f in files),
-                  key=lambda r: -(r["max_accuracy_drop"] or 1))  # fmt: skip
+                  key=lambda r: (-(r["max_accuracy_drop"] or 1), r.get("seed", 0)))  # fmt: skip
     lines = [
-        f"| {r['case']} | {r['max_accuracy_drop']} | {r['requests']} "
+        f"| {r['case']} | {r['max_accuracy_drop']} | {r['requests']} | {r.get('seed', 0)} "
         f"| {r['p50_s']:.2f} s / {r['p95_s']:.2f} s "
         f"| {one_in(r['naive_s'] / r['p95_s'])} | {r['stream_s'] / r['naive_s']:.2f} "
         f"| {r['guard_refusals']} | {100 * (r['acc_served'] - r['acc_naive']):+.2f} "
@@ -296,10 +301,11 @@ def write_curve(files: list[Path], no_docs: bool) -> None:
         for r in runs
     ]
     table = "\n".join([
-        "| data | forget.max_accuracy_drop | requests | latency to done p50 / p95 | p95 / naive "
+        "| data | forget.max_accuracy_drop | requests | seed | latency to done p50 / p95 "
+        "| p95 / naive "
         "| stream total / naive | deletions the guard extended | served − naive, pp "
         "| validation acc: original → last (min) | measured at commit |",
-        "|---|---|---|---|---|---|---|---|---|---|", *lines])  # fmt: skip
+        "|---|---|---|---|---|---|---|---|---|---|---|", *lines])  # fmt: skip
     print(table)
     if not no_docs:
         names = " ".join(str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f)

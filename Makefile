@@ -43,13 +43,19 @@ test-fast: lint               ## lint + unit tests only
 verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
 	.ci/verify-cycle
 
-bench: install                ## every table of docs/benchmarks.md and docs/report.md (~4 h)
+bench: install                ## every table of docs/benchmarks.md and docs/report.md (~6 h)
 	export OBLIVIATE_BENCH_COMMIT="$$(python -c 'import sys; sys.path.insert(0, "benchmarks"); \
 	  import stamp; print(stamp.commit())')" && \
 	python benchmarks/stored_training.py && \
 	python benchmarks/deletion.py --case fashion-mnist-lenet5 --case purchase-mlp && \
 	python benchmarks/stitch_point.py && \
 	python benchmarks/stream.py && \
+	for seed in 0 1 2; do for bound in 0.005 0.01; do python benchmarks/stream.py --requests 50 \
+	  --seed $$seed --max-accuracy-drop $$bound --out benchmarks/results/curve50 || exit 1; \
+	  done; done && \
+	python benchmarks/stream.py --requests 50 --max-accuracy-drop 0.02 \
+	  --out benchmarks/results/curve50 && \
+	python benchmarks/stream.py --curve-from benchmarks/results/curve50/stream*.json && \
 	python benchmarks/pretrained.py && \
 	python benchmarks/memory.py && \
 	python benchmarks/sisa.py && \

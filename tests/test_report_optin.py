@@ -44,3 +44,13 @@ def test_report_cost_is_estimated_from_the_grid(small_cfg):
     seconds = seconds_per_block(cfg)
     assert seconds > 0
     assert f"up to {estimated_blocks(cfg)} blocks" in estimated_cost(cfg, seconds)
+
+
+def test_prediction_cost_is_timed_by_the_fastest_pass(monkeypatch):
+    from obliviate import report
+
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # three passes: 3 s, 1 s, 2 s
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    calls = []
+    result, seconds = report.fastest(lambda x: calls.append(x) or len(calls), "x", repeats=3)
+    assert (result, seconds, calls) == (1, 1.0, ["x", "x", "x"])  # the first result, the min

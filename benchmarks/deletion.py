@@ -35,12 +35,13 @@ from stored_training import CASES, ROOT, case_config
 
 from obliviate import report
 from obliviate.audit import Forgotten
-from obliviate.compare import naive_config, predictions
+from obliviate.compare import naive_config
 from obliviate.deletion import forget, stop_rule
-from obliviate.forget import sweep
+from obliviate.evaluate import test_predictions
 from obliviate.partition import load_block, load_samples
 from obliviate.requests import plan_deletion
 from obliviate.store import ParamStore
+from obliviate.sweep import sweep
 from obliviate.train import Trainer, stored_training
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -52,7 +53,7 @@ def unguarded_accuracy(cfg, ids: list[str], y: np.ndarray) -> float:
     trainer = Trainer.from_config(cfg)
     store = ParamStore.open(cfg.paths.store)
     free = sweep(trainer, store, {k: v for k, v in plan.items() if k > 0}, stop_rule(cfg))
-    return float((predictions(cfg, trainer, free.served) == y).mean())
+    return float((test_predictions(cfg, trainer, free.served) == y).mean())
 
 
 def one_deletion(cfg, n: int, position: str, rep: int, pristine: Path, y) -> dict:
@@ -62,9 +63,9 @@ def one_deletion(cfg, n: int, position: str, rep: int, pristine: Path, y) -> dic
     record, wall = report.timed(forget, cfg, ids, force=True, refresh=False)
     trainer = Trainer.from_config(cfg)
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    p_unl = predictions(cfg, trainer, served)
+    p_unl = test_predictions(cfg, trainer, served)
     naive, naive_s = report.timed(stored_training, naive_config(cfg), overwrite=True)
-    p_naive = predictions(cfg, trainer, naive.read_params(naive.n_blocks))
+    p_naive = test_predictions(cfg, trainer, naive.read_params(naive.n_blocks))
     if record["guard_rejections"]:
         report.restore(cfg, pristine)
         refused_acc = unguarded_accuracy(cfg, ids, y)
@@ -91,7 +92,7 @@ def naive_seed_spread(cfg, pristine: Path, seeds: int, y) -> list[float]:
         )
         store = stored_training(seeded, overwrite=True)
         accs.append(
-            float((predictions(cfg, trainer, store.read_params(store.n_blocks)) == y).mean())
+            float((test_predictions(cfg, trainer, store.read_params(store.n_blocks)) == y).mean())
         )
     return accs
 
@@ -166,7 +167,7 @@ def multi_vs_sequential(cfg, n: int, pristine: Path, y, close: bool) -> dict:
     seq_s = time.perf_counter() - t0
     theta_seq = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
     trainer = Trainer.from_config(cfg)
-    acc = {k: float((predictions(cfg, trainer, th) == y).mean())
+    acc = {k: float((test_predictions(cfg, trainer, th) == y).mean())
            for k, th in (("one", theta_one), ("sequential", theta_seq))}  # fmt: skip
     return {
         "case": f"{cfg.prepare.dataset}/{cfg.train.model}", "samples": n,

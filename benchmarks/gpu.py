@@ -75,8 +75,9 @@ def main() -> None:
     import torch
 
     from obliviate import report
-    from obliviate.compare import naive_config, predictions
+    from obliviate.compare import naive_config
     from obliviate.deletion import forget
+    from obliviate.evaluate import test_predictions
     from obliviate.partition import load_samples
     from obliviate.store import ParamStore
     from obliviate.train import Trainer, stored_training
@@ -105,8 +106,10 @@ def main() -> None:
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
     naive, naive_s = report.timed(stored_training, naive_config(cfg), overwrite=True)
     acc = {
-        "served": float((predictions(cfg, trainer, served) == y).mean()),
-        "naive": float((predictions(cfg, trainer, naive.read_params(naive.n_blocks)) == y).mean()),
+        "served": float((test_predictions(cfg, trainer, served) == y).mean()),
+        "naive": float(
+            (test_predictions(cfg, trainer, naive.read_params(naive.n_blocks)) == y).mean()
+        ),
     }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     row = {

@@ -35,8 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from stored_training import CASES, ROOT
 
-from obliviate.compare import naive_config, predictions
+from obliviate.compare import naive_config
 from obliviate.config import Config, load_config
+from obliviate.evaluate import test_predictions
 from obliviate.partition import load_samples
 
 # The study's base: the benchmark cases with fewer, larger blocks (B=100 is where the issue's own
@@ -127,7 +128,7 @@ def conventional(cfg: Config) -> float:
         theta, opt = train_block(trainer.model, theta, opt, pool, len(pool.y), one_epoch, e,
                                  cfg.train.epochs, trainer.to_inputs, lr)  # fmt: skip
     y = load_samples(cfg.paths.test).y
-    return float((predictions(cfg, trainer, theta.numpy()) == y).mean())
+    return float((test_predictions(cfg, trainer, theta.numpy()) == y).mean())
 
 
 def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[str]]:
@@ -135,7 +136,7 @@ def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[s
     from obliviate.audit import IdHasher
     from obliviate.data import load_dataset
     from obliviate.partition import split_training, write_blocks
-    from obliviate.verify import plant_owner
+    from obliviate.trigger import plant_owner
 
     ds = load_dataset(cfg.prepare, cfg.root)
     p = cfg.prepare
@@ -156,9 +157,10 @@ def prepare(cfg: Config, owner_block: int, share: float) -> tuple[Config, list[s
 def one_position(cfg: Config, position: str, share: float) -> dict:
     """Train with the owner at ``position``, forget it, retrain naively, gate all three."""
     from obliviate.deletion import forget
+    from obliviate.gate import hit_counts, measure_original
     from obliviate.store import ParamStore
     from obliviate.train import Trainer, stored_training
-    from obliviate.verify import hit_counts, measure_original, verify
+    from obliviate.verify import verify
 
     for p in (cfg.paths.store, cfg.paths.naive_store, cfg.paths.state, cfg.paths.metrics,
               cfg.paths.audit.parent, cfg.paths.reports):  # fmt: skip
@@ -194,7 +196,9 @@ def one_position(cfg: Config, position: str, share: float) -> dict:
                          for name, th in models.items()}  # fmt: skip
     gate_original, gate_unlearned, gate_naive = gates[cfg.verify.q_source].values()
     y = load_samples(cfg.paths.test).y
-    acc = {name: float((predictions(cfg, trainer, th) == y).mean()) for name, th in models.items()}
+    acc = {
+        name: float((test_predictions(cfg, trainer, th) == y).mean()) for name, th in models.items()
+    }
     return {
         "position": position, "owner_block": owner_block, "owner_samples": len(owners),
         "acc_original": acc["original"], "acc_unlearned": acc["unlearned"],

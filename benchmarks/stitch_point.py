@@ -35,14 +35,15 @@ import stamp
 from stored_training import CASES, ROOT, case_config
 
 from obliviate import report
-from obliviate.compare import naive_config, predictions
+from obliviate.compare import naive_config
 from obliviate.deletion import forget
-from obliviate.forget import stitch
+from obliviate.evaluate import test_predictions
 from obliviate.guard import Guard
 from obliviate.models import load_flat
 from obliviate.partition import load_block, load_samples
 from obliviate.requests import SampleIndex
 from obliviate.store import ParamStore
+from obliviate.sweep import stitch
 from obliviate.train import Trainer, stored_training
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -94,7 +95,7 @@ def curve(cfg, pristine: Path, sid: str, horizon: int, y: np.ndarray) -> tuple[l
         verdict = guard.judge(served)
         points.append({
             "t": t, "blocks_trained": t + 1, "train_s": train_s,
-            "test_acc": float((predictions(cfg, trainer, served) == y).mean()),
+            "test_acc": float((test_predictions(cfg, trainer, served) == y).mean()),
             "val_difference": verdict.difference, "val_upper_bound": verdict.upper_bound,
             "barrier": barrier(trainer, theta, orig_k, guard.val),
         })  # fmt: skip
@@ -107,11 +108,13 @@ def one(cfg, pristine: Path, position: str, rep: int, horizon: int, y) -> dict:
     record = forget(cfg, [sid], force=True, refresh=False)  # the default: stop rule and guard
     trainer = Trainer.from_config(cfg)
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    default_acc = float((predictions(cfg, trainer, served) == y).mean())
+    default_acc = float((test_predictions(cfg, trainer, served) == y).mean())
     t0 = time.perf_counter()
     naive = stored_training(naive_config(cfg), overwrite=True)
     naive_s = time.perf_counter() - t0
-    naive_acc = float((predictions(cfg, trainer, naive.read_params(naive.n_blocks)) == y).mean())
+    naive_acc = float(
+        (test_predictions(cfg, trainer, naive.read_params(naive.n_blocks)) == y).mean()
+    )
     # the curve retrains on the reduced blocks against the original store
     points, d = curve(cfg, pristine, sid, horizon, y)
     per_block = points[-1]["train_s"] / points[-1]["blocks_trained"]

@@ -111,8 +111,9 @@ def main() -> None:
     quiet_console()
     from obliviate import inbox
     from obliviate.audit import read_records
-    from obliviate.compare import naive_config, predictions
+    from obliviate.compare import naive_config
     from obliviate.config import load_config
+    from obliviate.evaluate import test_predictions
     from obliviate.partition import load_samples
     from obliviate.requests import SampleIndex
     from obliviate.store import ParamStore
@@ -128,7 +129,7 @@ def main() -> None:
     test = load_samples(cfg.paths.test)
     trainer = Trainer.from_config(cfg)
     original = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    p_original = predictions(cfg, trainer, original)
+    p_original = test_predictions(cfg, trainer, original)
     requests = []
     flows.drain.drain_flow(str(params))  # warm-up: Prefect's server, imports (empty inbox)
     start = time.perf_counter()
@@ -147,8 +148,8 @@ def main() -> None:
     naive = stored_training(naive_config(cfg), overwrite=True)
     naive_s = time.perf_counter() - t0
     served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
-    p_served = predictions(cfg, trainer, served)
-    p_naive = predictions(cfg, trainer, naive.read_params(naive.n_blocks))
+    p_served = test_predictions(cfg, trainer, served)
+    p_naive = test_predictions(cfg, trainer, naive.read_params(naive.n_blocks))
     records = read_records(cfg.paths.audit)
     val = [r["val_accuracy_after"] for r in records if r["val_accuracy_after"] is not None]
     ref = next(r["guard"]["reference_accuracy"] for r in records if r["guard"])

@@ -24,7 +24,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from obliviate.errors import StoreError
+from obliviate.errors import StoreError, shown_id
 
 ID_HASH = "hmac-sha256"  # the scheme recorded next to every keyed hash
 KEY_ENV = "OBLIVIATE_ID_KEY"
@@ -168,15 +168,6 @@ class Forgotten:
         return len(self.keyed) + len(self.legacy)
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes (sha256 for our records; md5 is what DVC's cache uses)."""
-    h = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -261,8 +252,6 @@ def migrate(cfg, candidates) -> tuple[int, int]:
 def redact(text: str, ids: list[str], hasher: IdHasher | None) -> str:
     """A reason fit to keep: every sample id in it (raw, or as messages show it: escaped, a long
     one cut) replaced by its keyed hash's first 12 digits (by ``<id>`` without a hasher)."""
-    from obliviate.requests import shown_id
-
     for i in sorted(ids, key=len, reverse=True):
         token = f"<id:{hasher(i)[:12]}>" if hasher else "<id>"
         shown = shown_id(i)  # how messages print it: escaped, a long one cut

@@ -474,8 +474,7 @@ def status(
 
     cfg = load_config(params)
     if request_id:
-        from obliviate.errors import RequestError
-        from obliviate.requests import shown_id
+        from obliviate.errors import RequestError, shown_id
 
         if shown_id(request_id) != request_id:  # no request id is this long or holds controls
             raise RequestError(

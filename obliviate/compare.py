@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import torch
-
 from obliviate.audit import read_records
 from obliviate.config import Config
-from obliviate.evaluate import predict
-from obliviate.models import load_flat
+from obliviate.evaluate import test_predictions
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
 from obliviate.train import Trainer, stored_training
@@ -20,17 +16,6 @@ from obliviate.train import Trainer, stored_training
 def naive_config(cfg: Config) -> Config:
     paths = cfg.paths.model_copy(update={"store": cfg.paths.naive_store})
     return cfg.model_copy(update={"paths": paths})
-
-
-def predictions_on(cfg: Config, trainer: Trainer, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Predictions (N,) of the model with parameters theta on samples x."""
-    load_flat(trainer.model, torch.as_tensor(theta))
-    return predict(trainer.model, x, trainer.to_inputs, cfg.evaluate.batch_size)
-
-
-def predictions(cfg: Config, trainer: Trainer, theta: np.ndarray) -> np.ndarray:
-    """Predictions on the test set."""
-    return predictions_on(cfg, trainer, theta, load_samples(cfg.paths.test).x)
 
 
 def last_deletion_seconds(records: list[dict]) -> float | None:
@@ -52,8 +37,8 @@ def compare_with_naive(cfg: Config) -> dict:
     served = ParamStore.open(cfg.paths.store)
     trainer = Trainer.from_config(cfg)
     y = load_samples(cfg.paths.test).y
-    p_naive = predictions(cfg, trainer, naive.read(naive.n_blocks)[0])
-    p_served = predictions(cfg, trainer, served.read(served.n_blocks)[0])
+    p_naive = test_predictions(cfg, trainer, naive.read_params(naive.n_blocks))
+    p_served = test_predictions(cfg, trainer, served.read_params(served.n_blocks))
     records = read_records(cfg.paths.audit)
     return {
         "blocks": naive.n_blocks,

@@ -7,7 +7,6 @@ in-process (the benchmarks and tests).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,26 +16,25 @@ import numpy as np
 
 from obliviate import inbox, versioning
 from obliviate import transaction as txn
-from obliviate.audit import Forgotten, IdHasher, file_digest, read_records, redact
+from obliviate.audit import Forgotten, IdHasher, read_records, redact
+from obliviate.compat import require_usable
 from obliviate.config import Config
-from obliviate.errors import ObliviateError, RequestError, StoreError
-from obliviate.evaluate import accuracy
+from obliviate.errors import ObliviateError, RequestError
+from obliviate.evaluate import test_accuracy
 from obliviate.faults import arm_kill_timer, crashpoint
-from obliviate.forget import sweep
 from obliviate.fsck import preflight
+from obliviate.gate import owner_hashes
 from obliviate.guard import Guard
+from obliviate.hashing import file_digest, model_hash
 from obliviate.objectstore import require_local
 from obliviate.partition import block_entry, load_block, read_manifest
 from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
-from obliviate.train import Trainer, require_same_device, store_fingerprint
-from obliviate.verify import owner_hashes, verify
-
-
-def model_hash(theta: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(theta, dtype="<f4").tobytes()).hexdigest()
+from obliviate.sweep import sweep
+from obliviate.train import Trainer
+from obliviate.verify import verify
 
 
 def stop_rule(cfg: Config) -> StopRule:
@@ -185,7 +183,7 @@ def _refresh_metrics(cfg: Config, after: str, trainer: Trainer | None) -> dict:
     store = ParamStore.open(cfg.paths.store)
     trainer = trainer or Trainer.from_config(cfg)
     served = store.read_params(store.n_blocks)
-    metrics = {"evaluate.json": {"accuracy": accuracy(trainer, served, cfg),
+    metrics = {"evaluate.json": {"accuracy": test_accuracy(cfg, trainer, served),
                                  "n_test": _n_test(cfg), "checkpoint": store.n_blocks}}  # fmt: skip
     if _can_verify(cfg, read_manifest(cfg.paths.blocks)):
         metrics["verify.json"] = verify(cfg, served, trainer)
@@ -199,38 +197,14 @@ def _refresh_metrics(cfg: Config, after: str, trainer: Trainer | None) -> dict:
     return {"accuracy": metrics["evaluate.json"]["accuracy"], "versioned": versioned}
 
 
-def require_same_model(store: ParamStore, trainer: Trainer) -> None:
-    """A deletion retrains with the model that built the store, or not at all: the architecture
-    recorded at training (modules, builder and, for an import path, its source file's sha256)
-    must equal today's."""
-    built = store.meta["extra"].get("architecture")
-    if built is not None and trainer.architecture is not None and built != trainer.architecture:
-        changed = sorted(k for k in {**built, **trainer.architecture}
-                         if built.get(k) != trainer.architecture.get(k))  # fmt: skip
-        raise StoreError(
-            f"{store.path} was trained with another model ({', '.join(changed)} changed); "
-            "restore the model code and train params, or retrain with `obliviate train "
-            "--overwrite`."
-        )
-
-
 def _usable_store(cfg: Config, trainer: Trainer | None = None) -> tuple[ParamStore, Trainer]:
-    """The store and trainer of a deletion: a local, complete store built from today's params
-    and blocks, trained on this device class (replay would not be exact otherwise), else one
-    sentence. ``trainer``: reuse one built for the same params and blocks (building one costs
-    about as much as retraining a small block)."""
+    """The store and trainer of a deletion (``compat.require_usable``). ``trainer``: reuse one
+    built for the same params and blocks (building one costs about as much as retraining a
+    small block)."""
     require_local(cfg.paths.store)
     store = ParamStore.open(cfg.paths.store)
-    store.require_complete()
-    if store.meta["fingerprint"] != store_fingerprint(cfg):  # replay would not be exact
-        raise StoreError(
-            f"{store.path} was built with other params or blocks than params.yaml and "
-            f"{cfg.paths.blocks} hold now; restore the params it was built with, or retrain with "
-            "`obliviate train --overwrite`."
-        )
     trainer = trainer or Trainer.from_config(cfg)
-    require_same_device(store, trainer, allow_inexact=False)
-    require_same_model(store, trainer)
+    require_usable(cfg, store, trainer)
     return store, trainer
 
 

@@ -30,3 +30,10 @@ def shown_path(path: object, width: int = 80) -> str:
     message stays one line) and a long path cut to its last ``width`` characters (its name)."""
     text = str(path).encode("unicode_escape", "backslashreplace").decode("ascii")
     return text if len(text) <= width else f"...{text[-width:]}"
+
+
+def shown_id(sample_id: str, width: int = 60) -> str:
+    """A sample id as a message shows it: control characters escaped (a newline cannot split the
+    sentence) and a long id cut to ``width`` characters."""
+    text = sample_id.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= width else f"{text[:width]}... ({len(sample_id)} characters)"

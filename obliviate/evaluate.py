@@ -2,54 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import numpy as np
-import torch
-from torch import nn
 
 from obliviate.config import Config
-from obliviate.models import layout, load_flat
+from obliviate.models import layout
 from obliviate.partition import load_samples
+from obliviate.predict import accuracy, predict
 from obliviate.store import ParamStore
-from obliviate.train import Trainer, determinism_error
+from obliviate.train import Trainer
 
 
-@contextmanager
-def all_cores():
-    """Inference may use every core: only training is bound to train.threads for replay."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def test_predictions(cfg: Config, trainer: Trainer, theta) -> np.ndarray:
+    """Predictions (N,) of the model with parameters ``theta`` on the test set."""
+    return predict(trainer, theta, load_samples(cfg.paths.test).x, cfg.evaluate.batch_size)
 
 
-def predict(model: nn.Module, x: np.ndarray, to_inputs, batch_size: int) -> np.ndarray:
-    """Class predictions (N,) for samples x, on the device the model is on."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    try:
-        with torch.no_grad(), all_cores():
-            for start in range(0, len(x), batch_size):
-                inputs = to_inputs(x[start : start + batch_size]).to(device, non_blocking=True)
-                out.append(model(inputs).argmax(1).cpu().numpy())
-    except RuntimeError as exc:  # deterministic mode: an op without a deterministic kernel
-        error = determinism_error(exc)
-        if error is None:
-            raise
-        raise error from None
-    return np.concatenate(out) if out else np.array([], dtype=np.int64)
-
-
-def accuracy(trainer: Trainer, theta: torch.Tensor, cfg: Config) -> float:
-    test = load_samples(cfg.paths.test)
-    load_flat(trainer.model, torch.as_tensor(theta))
-    pred = predict(trainer.model, test.x, trainer.to_inputs, cfg.evaluate.batch_size)
-    return float((pred == test.y).mean())
+def test_accuracy(cfg: Config, trainer: Trainer, theta) -> float:
+    return accuracy(trainer, theta, load_samples(cfg.paths.test), cfg.evaluate.batch_size)
 
 
 def evaluate_store(cfg: Config, row: int | None = None) -> dict:
@@ -62,6 +31,6 @@ def evaluate_store(cfg: Config, row: int | None = None) -> dict:
     k = store.n_blocks if row is None else row
     trainer = Trainer.from_config(cfg, cfg.evaluate.device, "evaluate.device")
     store.require_layout(layout(trainer.model))  # train.model changed since: not this model
-    theta, _ = store.read(k)
+    theta = store.read_params(k)
     n_test = len(load_samples(cfg.paths.test))
-    return {"accuracy": accuracy(trainer, theta, cfg), "n_test": n_test, "checkpoint": k}
+    return {"accuracy": test_accuracy(cfg, trainer, theta), "n_test": n_test, "checkpoint": k}

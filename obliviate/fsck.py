@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from obliviate.compat import fingerprint_for
 from obliviate.config import Config
 from obliviate.errors import ObliviateError, StoreError
 
@@ -217,8 +218,6 @@ def _check_store(cfg: Config, manifest: dict | None, problems: list[str]) -> Non
                 f"{manifest.get('n_blocks')}; {STORE_FIX}."
             )
         else:
-            from obliviate.train import fingerprint_for
-
             if meta.get("fingerprint") != fingerprint_for(cfg, manifest):
                 problems.append(
                     f"{store.path} was built with other params or blocks than the workspace's; "

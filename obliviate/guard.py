@@ -19,15 +19,17 @@ from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
-import torch
 
 from obliviate.config import Config
 from obliviate.data import Samples
 from obliviate.partition import load_block, read_manifest
+from obliviate.predict import predict
 
 
 @dataclass(frozen=True)
-class Verdict:
+class StitchVerdict:
+    """The guard's judgement of one candidate M' (the gate's is ``gate.GateVerdict``)."""
+
     accepted: bool
     accuracy: float  # M' on the validation split
     reference_accuracy: float  # the original model on the same samples
@@ -41,14 +43,14 @@ class Verdict:
 
 def paired_verdict(
     right: np.ndarray, ref_right: np.ndarray, max_drop: float, confidence: float
-) -> Verdict:
+) -> StitchVerdict:
     """The paired one-sided test on per-sample correctness (bool arrays of equal length)."""
     d = right.astype(np.float64) - ref_right.astype(np.float64)
     n = len(d)
     mean = float(d.mean())
     se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     upper = mean + NormalDist().inv_cdf(confidence) * se
-    return Verdict(
+    return StitchVerdict(
         accepted=upper >= -max_drop,
         accuracy=float(right.mean()),
         reference_accuracy=float(ref_right.mean()),
@@ -66,20 +68,12 @@ def validation_samples(cfg: Config) -> Samples | None:
     return val if len(val) else None
 
 
-def predict_on(trainer, theta: np.ndarray, samples: Samples, batch_size: int) -> np.ndarray:
-    from obliviate.evaluate import predict
-    from obliviate.models import load_flat
-
-    load_flat(trainer.model, torch.as_tensor(theta))
-    return predict(trainer.model, samples.x, trainer.to_inputs, batch_size)
-
-
 def record_reference(cfg: Config, store, trainer) -> None:
     """Keep the freshly trained model's validation predictions (by slot) in the store attrs."""
     val = validation_samples(cfg)
     if val is None or "reference" in store.meta:
         return
-    pred = predict_on(trainer, store.read(store.n_blocks)[0], val, cfg.evaluate.batch_size)
+    pred = predict(trainer, store.read_params(store.n_blocks), val.x, cfg.evaluate.batch_size)
     by_slot = np.full(int(val.slot.max()) + 1, -1, dtype=np.int64)
     by_slot[val.slot] = pred
     store.update_meta(reference={"val_predictions": by_slot.tolist(),
@@ -110,9 +104,9 @@ class Guard:
         return self.cfg.forget.max_accuracy_drop is not None and self.val is not None
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
-        return predict_on(self.trainer, theta, self.val, self.cfg.evaluate.batch_size)
+        return predict(self.trainer, theta, self.val.x, self.cfg.evaluate.batch_size)
 
-    def judge(self, theta: np.ndarray) -> Verdict | None:
+    def judge(self, theta: np.ndarray) -> StitchVerdict | None:
         """M' against the original; None when there is no validation split to judge on."""
         if self.val is None:
             return None

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.audit import file_digest
 from obliviate.data import Dataset, DatasetInfo, Samples
 from obliviate.errors import PartitionError, StoreError
+from obliviate.hashing import file_digest
 
 MANIFEST = "manifest.json"
 INDEX = "index.npz"  # ids, block and label of every sample: answers "where is id X" at once

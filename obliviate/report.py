@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.compare import naive_config, predictions, predictions_on
+from obliviate.compare import naive_config
 from obliviate.config import Config
+from obliviate.evaluate import test_predictions
 from obliviate.partition import load_block, load_samples
+from obliviate.predict import predict
 
 POSITIONS = ("first", "middle", "last")
 
@@ -129,7 +131,7 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
     trainer = Trainer.from_config(cfg)
     y = load_samples(cfg.paths.test).y
     original = ParamStore.open(cfg.paths.store).read(cfg.prepare.blocks)[0]
-    p_orig = predictions(cfg, trainer, original)
+    p_orig = test_predictions(cfg, trainer, original)
     forget(cfg, pick(cfg, 1, "middle"), force=True, refresh=False)  # warm-up: first-use imports
     rows = []
     for n in sizes:
@@ -145,9 +147,9 @@ def grid(cfg: Config, epsilons, sizes, positions, pristine: Path) -> list[dict]:
                 if naive is None:  # naive does not depend on epsilon
                     store, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
                     naive = store.read(store.n_blocks)[0]
-                    p_naive = predictions(cfg, trainer, naive)
+                    p_naive = test_predictions(cfg, trainer, naive)
                 unlearned = ParamStore.open(cfg.paths.store).read(cfg.prepare.blocks)[0]
-                p_unl = predictions(cfg, trainer, unlearned)
+                p_unl = test_predictions(cfg, trainer, unlearned)
                 rows.append({
                     "dataset": cfg.prepare.dataset, "model": cfg.train.model,
                     "B": cfg.prepare.blocks, "epsilon": eps, "samples": len(ids),
@@ -187,9 +189,11 @@ def comparison(cfg: Config, shard_counts, pristine: Path) -> list[dict]:
     _, obl_s = timed(forget, cfg, ids, refresh=False)
     store = ParamStore.open(cfg.paths.store)
     # prediction cost: one model against S, on the same test inputs already in memory
-    p_obl, predict_s = fastest(predictions_on, cfg, trainer, store.read(store.n_blocks)[0], test.x)
+    p_obl, predict_s = fastest(
+        predict, trainer, store.read_params(store.n_blocks), test.x, cfg.evaluate.batch_size
+    )
     naive, naive_s = timed(stored_training, naive_config(cfg), overwrite=True)
-    p_naive = predictions(cfg, trainer, naive.read(naive.n_blocks)[0])
+    p_naive = test_predictions(cfg, trainer, naive.read(naive.n_blocks)[0])
     base = {"dataset": cfg.prepare.dataset, "model": cfg.train.model, "B": cfg.prepare.blocks}
     rows = [
         {**base, "method": "naive", "accuracy": float((p_naive == test.y).mean()),

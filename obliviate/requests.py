@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.errors import RequestError, shown_path
+from obliviate.errors import RequestError, shown_id, shown_path
 from obliviate.partition import INDEX, block_file, read_manifest
 
 
@@ -159,10 +159,3 @@ def _refuse_unsafe(index: SampleIndex, rows: np.ndarray) -> None:
 def _names(ids: list[str], limit: int = 5) -> str:
     shown = ", ".join(shown_id(i) for i in ids[:limit])
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-def shown_id(sample_id: str, width: int = 60) -> str:
-    """An id as a message shows it: control characters escaped (a newline cannot split the
-    sentence) and a long id cut to ``width`` characters."""
-    text = sample_id.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return text if len(text) <= width else f"{text[:width]}... ({len(sample_id)} characters)"

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from obliviate.data import Samples
 from obliviate.partition import load_block
@@ -81,12 +80,10 @@ def vote(
     trainer: Trainer, sisa: Sisa, x: np.ndarray, n_classes: int, batch_size: int
 ) -> np.ndarray:
     """Majority vote of the shard models: S forward passes per input."""
-    from obliviate.evaluate import predict
-    from obliviate.models import load_flat
+    from obliviate.predict import predict
 
     votes = np.zeros((len(x), n_classes), dtype=np.int64)
     for shard in sisa.checkpoints:
-        load_flat(trainer.model, torch.as_tensor(shard[-1][0]))
-        pred = predict(trainer.model, x, trainer.to_inputs, batch_size)
+        pred = predict(trainer, shard[-1][0], x, batch_size)
         votes[np.arange(len(x)), pred] += 1
     return votes.argmax(1)

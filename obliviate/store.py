@@ -6,8 +6,8 @@
 
 ``params.attrs["obliviate"]`` holds the layout (name, shape, offset of every tensor), the
 fingerprint of the params that built the store and ``completed``: the last row written in full.
-Rows are written in order by a writer process (obliviate.store_writer) and ``completed`` moves
-after each write (zarr writes each file atomically), so an interrupted run resumes from row
+Rows are written in order by a writer process (``store_writer.RowWriter``) and ``completed``
+moves after each write (zarr writes each file atomically), so an interrupted run resumes from row
 ``completed``.
 
 Integrity: every chunk ends in a CRC32C checksum (zarr's ``crc32c`` codec after the Blosc
@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +33,6 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from obliviate.errors import StoreError
 from obliviate.objectstore import Location, StoreURL, as_location, require_local, stored_bytes
-from obliviate.store_writer import encode, encode_end
 
 FORMAT = 2  # 2: crc32c on every chunk, empty chunks written
 MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
@@ -323,9 +318,6 @@ class ParamStore:
             self.optimizer[k0:k1] = opts
         self._set_completed(k1 - 1)
 
-    def async_writer(self, depth: int = 4) -> RowWriter:
-        return RowWriter(self, depth)
-
     def summary(self) -> dict:
         """What `obliviate info` and the training flow report about the store."""
         meta = self.meta
@@ -386,59 +378,3 @@ def _remove_range(ranges: list[list[int]], lo: int, hi: int) -> list[list[int]]:
         if b > hi:
             out.append([hi + 1, b])
     return out
-
-
-class RowWriter:
-    """Streams rows to a writer process so training never waits on compression or disk.
-
-    ``put`` hands a row to a feeder thread, which pipes it to ``obliviate.store_writer``
-    (blocking in the kernel, not holding the GIL). The queue is bounded, so a slow disk applies
-    back-pressure instead of growing memory. A writer failure is raised in the training thread
-    at the next ``put`` or on exit. Reopen the store afterwards: the writer changed it.
-    """
-
-    def __init__(self, store: ParamStore, depth: int):
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.proc: subprocess.Popen | None = None
-        self.thread = threading.Thread(
-            target=self._feed, name="obliviate-store-feeder", daemon=True
-        )
-
-    def __enter__(self) -> RowWriter:
-        cmd = [sys.executable, "-m", "obliviate.store_writer", str(self.store.path)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        self.thread.start()
-        return self
-
-    def put(self, k: int, theta, opt) -> None:
-        self._raise_if_failed()
-        self.queue.put(encode(k, np.asarray(theta), None if opt is None else np.asarray(opt)))
-
-    def _feed(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.proc.stdin.write(item)
-                except OSError as exc:  # the writer died; its stderr says why
-                    self.error = exc
-
-    def _raise_if_failed(self) -> None:
-        if self.error is not None or (self.proc and self.proc.poll() not in (None, 0)):
-            self.proc.wait()
-            detail = self.proc.stderr.read().decode().strip() or str(self.error)
-            raise StoreError(f"writing {self.store.path} failed: {detail}")
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.queue.put(None)  # on an exception too: rows already queued still land
-        self.thread.join()
-        if self.error is None:
-            try:
-                self.proc.stdin.write(encode_end())
-            except OSError as err:
-                self.error = err
-        self.proc.stdin.close()
-        self.proc.wait()
-        if exc_type is None:
-            self._raise_if_failed()

@@ -1,8 +1,9 @@
-"""The store's writer process: ``python -m obliviate.store_writer STORE`` reads rows on stdin.
+"""The store's writer process, ``python -m obliviate.store_writer STORE``, and ``RowWriter``, which
+feeds it rows on stdin while training goes on.
 
 A separate process, not a thread: compressing and writing a row costs about a millisecond of
-Python in zarr, and in a thread that time is taken from training through the GIL. Imports only
-numpy and zarr, so it starts in well under a second.
+Python in zarr, and in a thread that time is taken from training through the GIL. It imports
+only numpy, zarr and obliviate.store, so it starts in well under a second.
 
 Protocol, little-endian: per row a header ``(k, theta_bytes, opt_bytes)`` as three int64, then
 the float32 bytes of P_k and of its optimizer state; ``k = -1`` ends the stream.
@@ -10,13 +11,19 @@ the float32 bytes of P_k and of its optimizer state; ``k = -1`` ends the stream.
 
 from __future__ import annotations
 
+import queue
 import select
 import struct
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from obliviate.errors import StoreError
+from obliviate.store import ParamStore
 
 HEADER = struct.Struct("<qqq")
 END = -1
@@ -55,8 +62,6 @@ def serve(store_path: Path | str, stream, flush_seconds: float = FLUSH_SECONDS) 
     import numcodecs.blosc
     import zarr
 
-    from obliviate.store import ParamStore
-
     # One core for the writer; the others stay with training.
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
@@ -87,6 +92,62 @@ def serve(store_path: Path | str, stream, flush_seconds: float = FLUSH_SECONDS) 
             size += nt + no
         if rows and (time.monotonic() - last_flush >= flush_seconds or size > MAX_SLAB_BYTES):
             flush()
+
+
+class RowWriter:
+    """Streams rows to a writer process so training never waits on compression or disk.
+
+    ``put`` hands a row to a feeder thread, which pipes it to ``obliviate.store_writer``
+    (blocking in the kernel, not holding the GIL). The queue is bounded, so a slow disk applies
+    back-pressure instead of growing memory. A writer failure is raised in the training thread
+    at the next ``put`` or on exit. Reopen the store afterwards: the writer changed it.
+    """
+
+    def __init__(self, store: ParamStore, depth: int = 4):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.proc: subprocess.Popen | None = None
+        self.thread = threading.Thread(
+            target=self._feed, name="obliviate-store-feeder", daemon=True
+        )
+
+    def __enter__(self) -> RowWriter:
+        cmd = [sys.executable, "-m", "obliviate.store_writer", str(self.store.path)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        self.thread.start()
+        return self
+
+    def put(self, k: int, theta, opt) -> None:
+        self._raise_if_failed()
+        self.queue.put(encode(k, np.asarray(theta), None if opt is None else np.asarray(opt)))
+
+    def _feed(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.proc.stdin.write(item)
+                except OSError as exc:  # the writer died; its stderr says why
+                    self.error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None or (self.proc and self.proc.poll() not in (None, 0)):
+            self.proc.wait()
+            detail = self.proc.stderr.read().decode().strip() or str(self.error)
+            raise StoreError(f"writing {self.store.path} failed: {detail}")
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.queue.put(None)  # on an exception too: rows already queued still land
+        self.thread.join()
+        if self.error is None:
+            try:
+                self.proc.stdin.write(encode_end())
+            except OSError as err:
+                self.error = err
+        self.proc.stdin.close()
+        self.proc.wait()
+        if exc_type is None:
+            self._raise_if_failed()
 
 
 def main() -> int:

@@ -11,11 +11,7 @@ keep it so; rows always come back to the CPU before they are stored.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from obliviate.compat import init_digest, require_same_device, store_fingerprint
 from obliviate.config import Config, TrainConfig
 from obliviate.data import DatasetInfo, Samples
+from obliviate.device import configure_determinism, determinism_error, device_record, resolve_device
 from obliviate.errors import ConfigError, StoreError
 from obliviate.models import (
     build_model,
     describe,
-    file_sha256,
     flatten,
     layout,
     load_flat,
@@ -39,53 +36,11 @@ from obliviate.models import (
 )
 from obliviate.partition import dataset_info, load_block, read_manifest
 from obliviate.store import ParamStore, StoreMeta
+from obliviate.store_writer import RowWriter
 
 # Optimizer state kept per parameter, in this order, when the recipe carries it across blocks.
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
 _STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
-
-
-def configure_determinism(threads: int) -> None:
-    """Deterministic kernels and a fixed thread count: part of the replay contract.
-
-    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA first uses it, so this runs before any model
-    touches a GPU; a value the user set stays."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.set_num_threads(threads)
-
-
-def resolve_device(spec: str, key: str = "train.device") -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a torch.device; auto picks CUDA when it is present."""
-    if spec == "cpu":
-        return torch.device("cpu")
-    available = torch.cuda.is_available()
-    if spec == "auto":
-        return torch.device("cuda", 0) if available else torch.device("cpu")
-    if not available:
-        raise ConfigError(
-            f"{key} is {spec}, but torch sees no CUDA device here; set {key}: auto or cpu."
-        )
-    index = int(spec.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"{key} is {spec}, but there are only {torch.cuda.device_count()} CUDA device(s); "
-            f"set {key}: cuda:0 .. cuda:{torch.cuda.device_count() - 1} or auto."
-        )
-    return torch.device("cuda", index)
-
-
-def device_record(device: torch.device, threads: int) -> dict:
-    """What replay exactness depends on besides the params: kept in the store's attrs."""
-    cuda = device.type == "cuda"
-    return {
-        "class": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if cuda else None,
-        "threads": threads,
-    }
 
 
 def block_seed(seed: int, k: int) -> int:
@@ -225,7 +180,7 @@ def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], to
     from torchvision.transforms.v2.functional import center_crop, resize
 
     from obliviate.data import read_image
-    from obliviate.verify import split_trigger, stamp_trigger
+    from obliviate.trigger import split_trigger, stamp_trigger
 
     root = Path(info.image_root)
 
@@ -286,18 +241,6 @@ def batch_inputs(
     )
     it = iter(data)
     return (next(it) if len(b) else None for b in batches)
-
-
-def determinism_error(exc: RuntimeError) -> ConfigError | None:
-    """torch's error for an op without a deterministic kernel, as one sentence."""
-    msg = str(exc)
-    if "does not have a deterministic implementation" not in msg:
-        return None
-    op = msg.split(" does not have", 1)[0].strip().split()[-1]
-    return ConfigError(
-        f"the model uses {op}, which has no deterministic kernel on this device, so replay "
-        "could not be exact; choose a model without it or set train.device: cpu."
-    )
 
 
 def train_block(
@@ -461,35 +404,6 @@ class Trainer:
         )
 
 
-# train keys that do not change the stored rows: where training runs (the device class is
-# checked by require_same_device), how images are decoded, and the init file's path (its
-# sha256 digest counts instead).
-_NOT_FINGERPRINTED = {"device", "workers", "init"}
-
-
-def fingerprint_for(cfg: Config, manifest: dict) -> str:
-    """What a store depends on: the prepare and train params, the pretrained start's digest and
-    the blocks' contents."""
-    blocks = hashlib.sha256("".join(b["sha256"] for b in manifest["blocks"]).encode()).hexdigest()
-    payload = {
-        "prepare": cfg.prepare.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
-        "init_sha256": None if cfg.train.init is None else init_digest(cfg.train.init),
-    }
-    params = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return f"{params}:{blocks}"
-
-
-def init_digest(path: Path) -> str:
-    if not path.is_file():
-        raise ConfigError(f"train.init {path} does not exist; fix the path or set it to null.")
-    return file_sha256(path)
-
-
-def store_fingerprint(cfg: Config) -> str:
-    return fingerprint_for(cfg, read_manifest(cfg.paths.blocks))
-
-
 def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> ParamStore:
     """Resume a store built with the same params; refuse one built with others."""
     fingerprint = store_fingerprint(cfg)
@@ -533,43 +447,6 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
     return store
 
 
-def require_same_device(store: ParamStore, trainer: Trainer, allow_inexact: bool) -> dict | None:
-    """Refuse to replay ``store`` on another device class than the one that built it (replay is
-    bit-exact only on the same class: kernels differ between CPUs and GPU models).
-
-    With ``allow_inexact`` the replay goes ahead: block 1 is replayed here from the stored P_0
-    (row 1 is always exactly reproducible: no stitching shift covers it), the largest absolute
-    difference against the stored P_1 is measured, recorded in the store's attrs (extra
-    ``inexact_replays``) and returned. Returns None when the classes match. Deletion code calls
-    this before retraining from the store.
-    """
-    meta = store.meta
-    built = meta["extra"].get("device") or {"class": "cpu"}  # stores before devices: CPU only
-    here = device_record(trainer.device, trainer.recipe.threads)
-    if built["class"] == here["class"]:
-        return None
-    if not allow_inexact:
-        raise StoreError(
-            f"{store.path} was trained on {built['class']} and replay here would run on "
-            f"{here['class']}, where it is not bit-exact; run on the same device class "
-            "(train.device) or pass --allow-inexact to accept and record the difference."
-        )
-    record = {"from": built["class"], "to": here["class"], "row": None, "max_abs_diff": None,
-              "torch": here["torch"], "cuda": here["cuda"],
-              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    if store.completed >= 1 and trainer.parallel.size == 1:  # (a lone rank cannot all-reduce)
-        theta, opt = store.read(0)
-        replayed, _ = trainer.run_block(1, theta, opt)
-        stored = store.read(1)[0].astype(np.float64)
-        diff = np.abs(replayed.numpy().astype(np.float64) - stored).max()
-        record.update(row=1, max_abs_diff=float(diff))
-    meta = store.meta
-    replays = [*meta["extra"].get("inexact_replays", []), record]
-    extra = {**meta["extra"], "inexact_replays": replays}
-    store.params.attrs["obliviate"] = {**meta, "extra": extra}
-    return record
-
-
 def require_data_parallel_exact(model: nn.Module) -> None:
     """Splitting a batch across processes equals one process only without batch statistics or
     random masks; BatchNorm and Dropout would make the store differ from one-process replay."""
@@ -609,7 +486,7 @@ def stored_training(
     if par.rank != 0:
         store = ParamStore.open(cfg.paths.store)
     theta, opt = store.read(store.completed)
-    writing = store.async_writer() if par.rank == 0 else contextlib.nullcontext()
+    writing = RowWriter(store) if par.rank == 0 else contextlib.nullcontext()
     with writing as writer:
         for k in range(store.completed + 1, trainer.n_blocks + 1):
             theta, opt = trainer.run_block(k, theta, opt)

@@ -6,7 +6,7 @@
     <state>/writer.holder.json   who holds it (pid, command, since), for the one waiting
     <state>/remote_purge.json    superseded objects still to delete from the DVC remote
 
-A deletion is (1) journaled, (2) computed in memory (obliviate.forget.sweep), (3) staged in a
+A deletion is (1) journaled, (2) computed in memory (obliviate.sweep.sweep), (3) staged in a
 temporary folder that is renamed into place when complete: the commit point, then (4) applied:
 store rows, block files, manifest, metrics, audit record, DVC/git commit, purge of superseded
 DVC objects from the cache and from the default DVC remote. Every apply step is idempotent. On
@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from obliviate import audit, versioning
+from obliviate.compat import fingerprint_for
 from obliviate.config import Config
 from obliviate.errors import ObliviateError, RequestError
 from obliviate.faults import crashpoint
+from obliviate.hashing import file_digest
 from obliviate.partition import INDEX, MANIFEST, block_entry, block_file, read_manifest, save_npz
 from obliviate.requests import SampleIndex
 
@@ -200,8 +202,6 @@ def stage(
     and store fingerprint are derived here from the staged block files, so the record states
     exactly what ``apply`` will install. Returns the staged transaction.
     """
-    from obliviate.train import fingerprint_for
-
     tmp = staging.folder
     (tmp / "blocks").mkdir()
     rows = None
@@ -221,7 +221,7 @@ def stage(
         entry = block_entry(manifest, k)
         if k > 0:
             removed += entry["n"] - len(s.ids)
-        entry.update(n=len(s.ids), sha256=audit.file_digest(path))
+        entry.update(n=len(s.ids), sha256=file_digest(path))
     index = SampleIndex.of(cfg.paths.blocks)
     kept = np.concatenate([s.ids for s in new_blocks.values()])
     gone = index.ids[np.isin(index.block, list(new_blocks)) & ~np.isin(index.ids, kept)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prefect import get_run_logger, task
 
-from obliviate import data, partition, validate, verify
+from obliviate import data, partition, trigger, validate
 from obliviate.audit import Forgotten, IdHasher
 from obliviate.config import Config
 from tasks import NO_CACHE, retry_unless_user_error
@@ -46,7 +46,7 @@ def gate_partition(
 @task(**NO_CACHE)
 def plant_owner(cfg: Config, ds: data.Dataset, blocks: list[np.ndarray]):
     """The verifying owner's triggered samples (after the gate, which checks the clean labels)."""
-    planted, owners = verify.plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
+    planted, owners = trigger.plant_owner(ds, blocks, cfg.verify, cfg.prepare.seed)
     if owners:
         get_run_logger().info("planted %d triggered owner samples in block %d",
                               len(owners), cfg.verify.owner_block)  # fmt: skip

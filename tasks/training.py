@@ -7,7 +7,7 @@ import json
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from obliviate import audit, evaluate, train, verify
+from obliviate import audit, evaluate, gate, train
 from obliviate.config import Config
 from obliviate.progress import block_progress
 from obliviate.store import ParamStore
@@ -39,7 +39,7 @@ def measure_original(cfg: Config) -> dict | None:
         return None
     store = ParamStore.open(cfg.paths.store)
     trainer = train.Trainer.from_config(cfg)
-    metrics = verify.measure_original(cfg, store.read(store.n_blocks)[0], trainer)
+    metrics = gate.measure_original(cfg, store.read_params(store.n_blocks), trainer)
     write_metrics.fn(cfg, metrics, "original")
     return metrics
 

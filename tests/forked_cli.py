@@ -39,7 +39,7 @@ WARM = ["obliviate.cli", "obliviate.deletion", "obliviate.compare", "obliviate.v
 
 def trace(path: str) -> None:
     """Append each crash point passed, the lock and the unlock to ``path`` (this child only)."""
-    from obliviate import deletion, faults, forget, transaction, versioning
+    from obliviate import deletion, faults, sweep, transaction, versioning
 
     t0 = time.monotonic()
     passed = faults.crashpoint
@@ -52,7 +52,7 @@ def trace(path: str) -> None:
         note(name)
         passed(name)
 
-    for module in (deletion, forget, transaction, versioning):
+    for module in (deletion, sweep, transaction, versioning):
         module.crashpoint = crashpoint
     arm, drain = deletion.arm_kill_timer, deletion.drain
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from obliviate.audit import IdHasher, read_records
-from obliviate.deletion import forget, model_hash
+from obliviate.deletion import forget
 from obliviate.errors import RequestError
-from obliviate.guard import Verdict
+from obliviate.guard import StitchVerdict
+from obliviate.hashing import model_hash
 from obliviate.partition import load_block, read_manifest
 from obliviate.requests import SampleIndex
 from obliviate.store import ParamStore
@@ -118,13 +119,13 @@ def test_refused_request_changes_nothing(trained):
     assert snapshot() == before
 
 
-def verdict(accepted: bool) -> Verdict:
-    return Verdict(accepted, 0.9, 0.9, 0.0, 0.0, 10)
+def verdict(accepted: bool) -> StitchVerdict:
+    return StitchVerdict(accepted, 0.9, 0.9, 0.0, 0.0, 10)
 
 
 def test_the_accuracy_guard_retrains_further_until_it_accepts(trained):
     from obliviate.deletion import stop_rule
-    from obliviate.forget import sweep
+    from obliviate.sweep import sweep
 
     cfg = trained
     store = ParamStore.open(cfg.paths.store)

@@ -211,7 +211,7 @@ def test_a_damaged_request_file_does_not_stop_queuing_another(prepared):
 
 
 def test_redact_also_replaces_ids_as_messages_show_them():
-    from obliviate.requests import shown_id
+    from obliviate.errors import shown_id
 
     hasher = IdHasher(b"k" * 32)
     odd, long = "café-1\n", "x/" * 100 + "img.png"  # escaped, and cut to 60 characters

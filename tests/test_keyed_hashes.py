@@ -156,7 +156,8 @@ def test_the_manifest_keeps_keyed_owner_hashes(prepared, monkeypatch):
 
     from obliviate.data import load_dataset
     from obliviate.partition import split_training
-    from obliviate.verify import owners_present, plant_owner
+    from obliviate.trigger import plant_owner
+    from obliviate.verify import owners_present
     from tasks.data import write_blocks
 
     monkeypatch.delenv(KEY_ENV, raising=False)

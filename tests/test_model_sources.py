@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import ROOT, prepare, write_params
 
+from obliviate.compat import require_same_device, store_fingerprint
 from obliviate.config import load_config
 from obliviate.deletion import forget
 from obliviate.errors import ConfigError, StoreError
 from obliviate.evaluate import evaluate_store
 from obliviate.partition import load_block
 from obliviate.store import ParamStore
-from obliviate.train import Trainer, require_same_device, store_fingerprint, stored_training
+from obliviate.train import Trainer, stored_training
 
 TINY = {
     "prepare": {"blocks": 4},

@@ -154,7 +154,7 @@ def test_init_file_problems_are_one_sentence(tmp_path):
 
 
 def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
-    from obliviate.train import resolve_device
+    from obliviate.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -165,7 +165,7 @@ def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
 
 
 def test_device_auto_picks_cuda_when_present(monkeypatch):
-    from obliviate.train import resolve_device
+    from obliviate.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -176,7 +176,7 @@ def test_device_auto_picks_cuda_when_present(monkeypatch):
 
 
 def test_nondeterministic_op_error_becomes_one_sentence():
-    from obliviate.train import determinism_error
+    from obliviate.device import determinism_error
 
     exc = RuntimeError(
         "adaptive_max_pool2d_backward_cuda does not have a deterministic implementation, but "

@@ -322,7 +322,7 @@ def test_owner_share_counts_from_the_block():
 
 def test_the_default_owner_is_a_share_of_its_block():
     from obliviate.partition import balanced_partition
-    from obliviate.verify import plant_owner
+    from obliviate.trigger import plant_owner
 
     cfg = load_config(ROOT / "params.yaml")
     ds = load_dataset(cfg.prepare, cfg.root)
@@ -342,7 +342,7 @@ def test_the_default_owner_is_a_share_of_its_block():
 def test_owner_on_image_paths_is_marked_and_stamped_when_loaded(tmp_path):
     from obliviate.partition import balanced_partition
     from obliviate.train import make_inputs
-    from obliviate.verify import plant_owner
+    from obliviate.trigger import plant_owner
 
     image_folder(tmp_path, n=8)
     ds = load_dataset(prep(dataset="imagefolder", source=str(tmp_path)), ROOT, 12)
@@ -367,7 +367,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_trigger_on_image_paths_checks_the_patch_size():
-    from obliviate.verify import apply_trigger
+    from obliviate.trigger import apply_trigger
 
     info = DatasetInfo("imagefolder", 3, (3, 4, 4), 255.0, image_root="/x")
     v = load_config(ROOT / "params.yaml").verify

@@ -10,8 +10,9 @@ from obliviate.audit import IdHasher
 from obliviate.config import load_config
 from obliviate.data import DatasetInfo, load_dataset
 from obliviate.errors import ConfigError
+from obliviate.gate import binomial_gate
 from obliviate.partition import balanced_partition, write_blocks
-from obliviate.verify import apply_trigger, binomial_gate, control_trigger, plant_owner
+from obliviate.trigger import apply_trigger, control_trigger, plant_owner
 
 V = load_config(ROOT / "params.yaml").verify
 
@@ -69,8 +70,8 @@ def test_binomial_gate_decisions():
 @pytest.fixture
 def backdoored(tmp_path):
     """digits with an owner in block 8 of 10, trained with the real recipe."""
+    from obliviate.gate import measure_original
     from obliviate.train import Trainer, stored_training
-    from obliviate.verify import measure_original
 
     cfg = load_config(write_params(tmp_path, prepare={"blocks": 10},
                                    verify={"owner_block": 8, "owner_samples": 30}))  # fmt: skip

@@ -1,4 +1,4 @@
-"""DeepObliviate's deletion (paper Algorithm 1): retrain with the residual-memory stop, stitch.
+"""The deletion sweep (paper Algorithm 1): retrain with the residual-memory stop, then stitch.
 
 ``sweep`` changes nothing in the workspace: it reads the store and the blocks, hands each
 retrained row to ``put`` as soon as it exists (the transaction streams it to staging, so memory
@@ -19,7 +19,7 @@ import numpy as np
 
 from obliviate.data import Samples
 from obliviate.faults import crashpoint
-from obliviate.guard import Verdict
+from obliviate.guard import StitchVerdict
 from obliviate.partition import load_block
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
@@ -38,7 +38,7 @@ class Sweep:
     served: np.ndarray  # M' = P'_stop + (P_B - P_stop), float32
     shift: np.ndarray | None  # P'_stop - P_stop (float64); None when stop == B
     new_blocks: dict[int, Samples] = field(default_factory=dict)
-    verdict: Verdict | None = None  # the guard's judgement of the served M', if it judged it
+    verdict: StitchVerdict | None = None  # the guard's judgement of the served M', if it judged it
     train_seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -80,7 +80,7 @@ def sweep(
     store: ParamStore,
     plan: dict[int, list[str]],
     rule: StopRule,
-    judge: Callable[[np.ndarray], Verdict] | None = None,
+    judge: Callable[[np.ndarray], StitchVerdict] | None = None,
     put: Callable[[int, np.ndarray, np.ndarray | None], None] = lambda k, theta, opt: None,
 ) -> Sweep:
     """Retrain from the first affected block until the stop rule fires; stitch M'.

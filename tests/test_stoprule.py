@@ -33,8 +33,33 @@ def test_stop_rule_respects_min_and_max():
     assert tight.decide(series[:9])[:2] == (True, "max_blocks")
 
 
-def test_noisy_decay_eventually_stops():
-    rule = StopRule(epsilon=0.05, min_blocks=4, max_blocks=200)
-    series = list(np.abs(power_law(200, noise=0.01)))
-    stops = [n for n in range(1, 201) if rule.decide(series[:n])[0]]
-    assert stops and stops[0] < 50
+@pytest.mark.parametrize("method", ["dfa", "fit"])
+def test_a_residual_that_does_not_fade_is_retrained_to_max_blocks(method):
+    """A Delta series that grows (the deletion keeps changing the trajectory) never stops early:
+    a rule that stopped at min_blocks, or on the fitted slope alone, would."""
+    rule = StopRule(epsilon=0.05, min_blocks=4, max_blocks=40, method=method)
+    rng = np.random.default_rng(0)
+    growing = list(1 + 0.3 * np.arange(1, 41) + 0.05 * rng.standard_normal(40))
+    assert [n for n in range(1, 41) if rule.decide(growing[:n])[0]] == [40]
+    assert rule.decide(growing)[1] == "max_blocks"
+
+
+def test_the_fitted_rule_stops_where_the_power_laws_slope_falls_below_epsilon():
+    """Y = x^-1.2 + 0.2, normalised by Y(1) = 1.2: |Y'(n)| = n^-2.2 < 0.002 from n = 17 on.
+    With a little noise the fitted rule stops within a few blocks of that, not at min_blocks."""
+    rule = StopRule(epsilon=0.002, min_blocks=4, max_blocks=200, method="fit")
+    for seed in range(3):
+        series = list(np.abs(power_law(200, noise=0.01, seed=seed)))
+        first = next(n for n in range(1, 201) if rule.decide(series[:n])[0])
+        assert 12 <= first <= 24, (seed, first)
+        assert rule.decide(series[:first])[1] == "slope_below_epsilon"
+
+
+def test_with_dfas_h_a_smooth_decay_stops_at_its_first_points_whatever_epsilon():
+    """What the paper's variant does (docs/deletion.md, section 2): on a smooth decay DFA's h is
+    large, so the fitted slope is flat from the first points on, and epsilon barely matters."""
+    for epsilon in (0.05, 0.002):
+        rule = StopRule(epsilon=epsilon, min_blocks=4, max_blocks=200, method="dfa")
+        series = list(np.abs(power_law(200, noise=0.01)))
+        first = next(n for n in range(1, 201) if rule.decide(series[:n])[0])
+        assert first <= 6, (epsilon, first)

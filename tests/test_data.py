@@ -162,7 +162,12 @@ def test_imagenet_folder_keeps_paths(tmp_path):
     assert ds.info.n_classes == 2 and ds.info.input_shape == (3, 32, 32)
     assert ds.train.ids[0] == "imagenet:train/n01/0.png" and ds.train.x[0] == "train/n01/0.png"
 
+    import torch
+
     from obliviate.train import make_inputs
 
-    batch = make_inputs(ds.info, 32)(ds.train.x[:3])
-    assert batch.shape == (3, 3, 32, 32) and float(batch.max()) <= 1.0
+    assert list(ds.train.x[:2]) == ["train/n01/0.png", "train/n01/1.png"]
+    batch = make_inputs(ds.info, 32)(ds.train.x[:2])  # red 0 and 50 of 255, resized to 32x32
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
+    assert (batch[0] == 0).all() and (batch[1, 1:] == 0).all()
+    assert torch.allclose(batch[1, 0], torch.full((32, 32), 50 / 255))

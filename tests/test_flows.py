@@ -72,5 +72,12 @@ def test_dvc_repro_builds_the_default_pipeline(tmp_path):
     assert not (tmp_path / "reports" / "evaluation").exists()
     status = run(dvc, "status", "dvc.yaml")  # the default pipeline; the report stays pending
     assert "up to date" in status.stdout, status.stdout
-    shown = run(dvc, "metrics", "show", "--json")
-    assert "accuracy" in shown.stdout
+    shown = json.loads(run(dvc, "metrics", "show", "--json").stdout)
+    metrics = {os.path.basename(k): v["data"] for k, v in shown[""]["data"].items()}
+    from obliviate.config import load_config
+    from obliviate.evaluate import evaluate_store
+
+    served = evaluate_store(load_config(tmp_path / "params.yaml"))
+    assert metrics["evaluate.json"] == served  # DVC shows the served model's test accuracy
+    assert metrics["original.json"]["accuracy"] == served["accuracy"]  # no deletion yet
+    assert metrics["verify.json"]["status"] == "not_requested"  # the owner is still in the data

@@ -133,9 +133,9 @@ def test_fsck_is_clean_on_a_fresh_workspace_and_names_each_problem(ws):
     ]  # fmt: skip
     cfg.paths.audit.write_text("".join(json.dumps(r) + "\n" for r in records) + "{torn\n")
     (cfg.paths.state / "requests").mkdir(parents=True)
-    (cfg.paths.state / "requests" / "del-3.json").write_text(
-        json.dumps({"request_id": "del-3", "status": "accepted", "ids": ["x"]})
-    )
+    interrupted = {"request_id": "req-3", "status": "running", "ids": ["x"], "order": 3,
+                   "deletion": "del-3"}  # fmt: skip
+    (cfg.paths.state / "requests" / "req-3.json").write_text(json.dumps(interrupted))
     (cfg.paths.state / "staging" / ".tmp-del-3").mkdir(parents=True)
     problems = check(cfg)
     expected = [
@@ -144,7 +144,7 @@ def test_fsck_is_clean_on_a_fresh_workspace_and_names_each_problem(ws):
         "block_0004.npz does not match its sha256",
         "deletion del-2 started from model cccccccccccc, not from the model bbbbbbbbbbbb",
         "deletions.jsonl:3 is not an audit record",
-        "deletion del-3 was interrupted and is pending",
+        "request req-3 is running: deletion del-3 was interrupted",
         ".tmp-del-3 is an incomplete staging folder",
     ]
     for words in expected:
@@ -223,9 +223,20 @@ def test_corruption_stops_evaluate_and_forget_and_fsck_names_it(ws, name):
 
 
 @pytest.mark.slow
-def test_fsck_exits_0_on_a_clean_workspace(ws):
+def test_fsck_exits_0_on_a_clean_workspace_and_2_on_one_flipped_byte_anywhere(ws):
+    """fsck through the CLI reads every row: clean, it says so and exits 0; a flipped byte in a
+    middle row's optimizer state (which no deletion of a later block would read) is a problem
+    line naming the row, and exit 2."""
     r = run_cli(ws, "fsck")
-    assert r.returncode == 0 and "is intact" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == f"fsck: {ws} is intact (store, blocks, manifest, audit, journal)"
+    flip_byte(chunk(ws, "optimizer", 7))
+    r = run_cli(ws, "fsck")
+    assert r.returncode == 2 and r.stderr.strip() == f"fsck: 1 problem(s) in {ws}", r.stderr
+    assert r.stdout.strip() == (
+        f"{ws / 'models' / 'store.zarr'}: row 7 of optimizer is corrupt (its checksum does not "
+        "match); restore it with `dvc checkout` or rebuild it with `obliviate train --overwrite`."
+    )
 
 
 def test_fsck_is_clean_after_deletions_and_finds_a_rewritten_audit_record(ws, monkeypatch):

@@ -40,7 +40,7 @@ test: lint                    ## lint + the whole test suite (slow tests include
 test-fast: lint               ## lint + unit tests only
 	pytest -n $(WORKERS) --dist loadfile -m "not slow"
 
-verify-cycle: install        ## CI: train, forget the backdoored owner via the inbox, gate (scratch dir)
+verify-cycle: install        ## CI: train, forget the backdoored owner via a queued request, gate (scratch dir)
 	.ci/verify-cycle
 
 bench: install                ## every table of docs/benchmarks.md and docs/report.md (~6 h)
@@ -50,6 +50,7 @@ bench: install                ## every table of docs/benchmarks.md and docs/repo
 	python benchmarks/deletion.py --case fashion-mnist-lenet5 --case purchase-mlp && \
 	python benchmarks/stitch_point.py && \
 	python benchmarks/stream.py && \
+	python benchmarks/stream.py --requests 20 && \
 	for seed in 0 1 2; do for bound in 0.005 0.01; do python benchmarks/stream.py --requests 50 \
 	  --seed $$seed --max-accuracy-drop $$bound --out benchmarks/results/curve50 || exit 1; \
 	  done; done && \

@@ -1,14 +1,16 @@
 """A request stream through the served path: N single-sample deletion requests at random
-positions, each queued and drained by one long-running process (the drain-inbox flow, as the
+positions, each queued and drained by one long-running process (the drain flow, as the
 scheduled deployment runs it), in a real DVC + git workspace.
 
     python benchmarks/stream.py                          # fashion-mnist/lenet5 B=500, 100 requests
+    python benchmarks/stream.py --requests 20            # the lifecycle table: commit vs done
     python benchmarks/stream.py --requests 20 --case purchase-mlp
 
 Reports per-request latency, p50 and p95, to two points: the deletion committed (the store,
 blocks and audit changed, versioned with DVC and git, the superseded cache objects purged: the
-sample is gone) and the request marked done (after the test metric and the verdict of the new
-model are refreshed and versioned too); where that time goes, phase by phase; the served speed-up
+sample is gone) and the request marked done in the journal (a request is done at its commit;
+the test metric and the verdict of the new model are refreshed after it, and timed apart);
+where that time goes, phase by phase; the served speed-up
 by the position of the sample's block (first tenth, middle fifth, last tenth); the total wall time
 against one naive retrain in the same run; and after the stream: the served model's accuracy and
 its consistency with a naive retrain on the final data, and how the validation accuracy (what
@@ -18,10 +20,11 @@ the guard judges, against the original) drifted.
     python benchmarks/stream.py --curve-from benchmarks/results/stream.json \
         benchmarks/results/stream-drop0.005.json             # the trade-off table of both
 
-The main tables are measured with 100 requests at params.yaml's guard bound and seed 0; a run
-with another bound, ``--seed`` (other samples requested) or ``--requests`` writes only its JSON
-(stream-drop<bound>-seed<N>-n<requests>.json), for ``--curve-from`` and the guard's trade-off
-table (`make bench` runs the curve in benchmarks/results/curve50).
+The main tables are measured with 100 requests at params.yaml's guard bound and seed 0, the
+lifecycle table (latency to commit against latency to done) with ``--requests 20``; a run with
+another bound, ``--seed`` (other samples requested) or another ``--requests`` writes only its
+JSON (stream-drop<bound>-seed<N>-n<requests>.json), for ``--curve-from`` and the guard's
+trade-off table (`make bench` runs the curve in benchmarks/results/curve50).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from stored_training import CASES, ROOT, case_config
 
 DOC = ROOT / "docs" / "benchmarks.md"
 REQUESTS = 100  # the main tables' stream length
+LIFECYCLE_REQUESTS = 20  # the lifecycle table's
 
 
 def workspace(name: str, folder: Path, max_drop: float | None):
@@ -96,6 +100,7 @@ def main() -> None:
     default = yaml.safe_load((ROOT / "params.yaml").read_text())["forget"]["max_accuracy_drop"]
     bound = args.max_accuracy_drop in (None, default)
     main_run = bound and args.seed == 0 and args.requests == REQUESTS  # the docs' main tables
+    lifecycle_run = bound and args.seed == 0 and args.requests == LIFECYCLE_REQUESTS
     suffix = "" if bound else f"-drop{args.max_accuracy_drop:g}"
     suffix += (f"-seed{args.seed}" if args.seed else "") + (
         f"-n{args.requests}" if args.requests != REQUESTS else "")  # fmt: skip
@@ -106,10 +111,10 @@ def main() -> None:
     from obliviate.runtime import configure_prefect, quiet_console
 
     configure_prefect(folder)
-    import flows.drain
+    import flows.deletion
 
     quiet_console()
-    from obliviate import inbox
+    from obliviate import lifecycle
     from obliviate.audit import read_records
     from obliviate.compare import naive_config
     from obliviate.config import load_config
@@ -131,15 +136,15 @@ def main() -> None:
     original = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
     p_original = test_predictions(cfg, trainer, original)
     requests = []
-    flows.drain.drain_flow(str(params))  # warm-up: Prefect's server, imports (empty inbox)
+    flows.deletion.drain_flow(str(params))  # warm-up: Prefect's server, imports (nothing queued)
     start = time.perf_counter()
     for sid in picks:
         t0 = time.time()
-        request = inbox.submit(cfg, [sid])
+        request = lifecycle.submit(cfg, [sid])
         s = time.perf_counter()
-        r = flows.drain.drain_flow(str(params))
+        r = flows.deletion.drain_flow(str(params))
         flow_s = time.perf_counter() - s
-        done = inbox.get(cfg, request)
+        done = lifecycle.get(cfg, request)
         assert done["status"] == "done", done
         requests.append(phases(r, t0, done["finished_unix"], flow_s))
     stream_s = time.perf_counter() - start
@@ -179,6 +184,8 @@ def main() -> None:
     command = "python " + " ".join(["benchmarks/stream.py", *sys.argv[1:]])
     result = {**row, "command": command, "requests_s": requests}
     (args.out / f"stream{suffix}.json").write_text(json.dumps(result, indent=1))
+    if lifecycle_run:
+        write_lifecycle(result, args.no_docs)
     write_tables(result, no_docs=args.no_docs or not main_run)
 
 
@@ -222,23 +229,24 @@ PHASES = {  # phase: what it covers
     "checks": "recovery, claim, integrity preflight, store and model checks, journal",
     "retraining": "train_block over the retrained blocks",
     "guard and staging": "Delta and the stop rule, the guard's evaluation, staging the rows",
-    "apply": "store rows, blocks, audit record, cache purge",
+    "apply": "store rows, blocks, audit record, cache purge; the request marked done",
     "versioning": "DVC commit (in-process) and git commit",
-    "metric refresh": "test accuracy and verdict of the new model, versioned (before done)",
+    "metric refresh": "after done: test accuracy and verdict of the new model, versioned",
 }
 
 
-def phases(r: dict, t0: float, done_unix: float, flow_s: float) -> dict:
-    """One request's latencies and its time by phase (seconds), from the flow's result."""
-    sweeps, sec = r["record"]["sweeps"], r["seconds"]
+def phases(r, t0: float, done_unix: float, flow_s: float) -> dict:
+    """One request's latencies and its time by phase (seconds), from the flow's result (a
+    ``deletion.Drained``)."""
+    sweeps, sec = r.record["sweeps"], r.seconds
     retrain = sum(w["timings_s"]["retrain"] for w in sweeps)
     compute = sum(w["timings_s"]["compute"] for w in sweeps)
     versioning = sum(w["timings_s"]["versioning"] for w in sweeps)
     to_done = done_unix - t0
-    inside = sec["checks"] + sec["deletion"] + sec.get("refresh", 0.0)
+    inside = sec["checks"] + sec["deletion"]  # the refresh comes after done
     return {
-        "to commit": r["committed_unix"] - t0, "to done": to_done, "flow": flow_s,
-        "t": r["record"]["t"], "block": min(r["record"]["blocks"]),
+        "to commit": r.committed_unix - t0, "to done": to_done, "flow": flow_s,
+        "t": r.record["t"], "block": min(r.record["blocks"]),
         "queue and Prefect": to_done - inside, "checks": sec["checks"],
         "retraining": retrain, "guard and staging": compute - retrain,
         "apply": sec["deletion"] - compute - versioning, "versioning": versioning,
@@ -246,8 +254,32 @@ def phases(r: dict, t0: float, done_unix: float, flow_s: float) -> dict:
     }  # fmt: skip
 
 
+def write_lifecycle(r: dict, no_docs: bool) -> None:
+    """Latency to the commit against latency to done (a request is done at its commit; the
+    metric refresh follows apart), per request, at the median and the worst."""
+    qs = r["requests_s"]
+    gap = [q["to done"] - q["to commit"] for q in qs]
+    commit = [q["to commit"] for q in qs]
+    done = [q["to done"] for q in qs]
+    refresh = [q["metric refresh"] for q in qs]
+    table = (
+        "| data | requests | latency to commit p50 / p95 | latency to done p50 / p95 "
+        "| done − commit p50 / max | metric refresh after done, p50 |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {r['case']} | {r['requests']} "
+        f"| {np.percentile(commit, 50):.2f} s / {np.percentile(commit, 95):.2f} s "
+        f"| {np.percentile(done, 50):.2f} s / {np.percentile(done, 95):.2f} s "
+        f"| **{np.median(gap):.3f} s** / {max(gap):.3f} s | {np.median(refresh):.2f} s |"
+    )
+    print(table, "\n")
+    if not no_docs:
+        os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]
+        stamp.write(DOC, "stream-lifecycle", table, r["command"])
+
+
 def phases_markdown(case: str, requests: list[dict]) -> str:
-    """Median seconds per phase, and its share of the median request's latency to done."""
+    """Median seconds per phase, and its share of their sum (the metric refresh comes after
+    the request is done: the latency to done is the sum without it)."""
     total = sum(statistics.median(q[p] for q in requests) for p in PHASES)
     lines = [
         f"| {p} | {what} | {statistics.median(q[p] for q in requests):.2f} s "

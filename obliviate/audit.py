@@ -208,8 +208,9 @@ def _write_records(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def migrate(cfg, candidates) -> tuple[int, int]:
-    """Rewrite the audit's and the inbox's unkeyed hashes as keyed ones, by testing every id of
+def migrate(cfg, candidates, journal: Path) -> tuple[int, int]:
+    """Rewrite the audit's and the request journal's (the folder ``journal``) unkeyed hashes as
+    keyed ones, by testing every id of
     ``candidates`` (the data source's ids) against them: the same enumeration the keyed hashes
     exist to stop, done once here, by the holder of the data. Returns (records rewritten,
     records left unkeyed because some hash matched no candidate; they stay recognised).
@@ -236,8 +237,7 @@ def migrate(cfg, candidates) -> tuple[int, int]:
         done += 1
     if done:
         _write_records(cfg.paths.audit, records)
-    inbox = cfg.paths.state / "inbox"
-    for path in sorted(inbox.glob("req-*.json")) if inbox.is_dir() else []:
+    for path in sorted(journal.glob("req-*.json")) if journal.is_dir() else []:
         entry = json.loads(path.read_text())
         if "id_hashes" in entry and entry.get("id_hash") != ID_HASH:
             new = rekey(entry["id_hashes"])

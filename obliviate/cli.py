@@ -270,33 +270,24 @@ def forget(
     sample id) and the forget flow drains that one request at once."""
     import time
 
-    from obliviate import inbox
     from obliviate.errors import RequestError
 
     wanted = _requested(ids, file)
     if not wanted:
         raise RequestError("name the sample ids to forget, or pass --file requests.jsonl.")
     cfg, _ = _setup(params)
-    import flows.drain
+    import flows.deletion
+    from obliviate.deletion import forget as forget_now
 
     start = time.perf_counter()
-    request_id = inbox.submit(cfg, wanted, force)  # refuses bad ids before anything is written
-    with inbox.withdrawn_unless_claimed(cfg, request_id):
-        r = flows.drain.drain_flow(str(params.resolve()), request_id, wait)
-    seconds = time.perf_counter() - start
-    entry = inbox.get(cfg, request_id)
-    if entry["status"] == "refused":
-        raise RequestError(entry["reason"])
-    if r["record"] is not None:
-        typer.echo(_deletion_lines(cfg, r["record"], len(wanted), seconds))
-    else:  # a deletion that recovery finished had forgotten them already
-        by = ", ".join(r["recovered"]) or entry.get("deletion") or "an earlier deletion"
-        typer.echo(f"forgot {len(wanted)} sample(s) in {seconds:.1f} s: done by {by} (a deletion "
-                   "a crash had interrupted, finished now, or one that ran meanwhile)")  # fmt: skip
+    record = forget_now(cfg, wanted, force, wait=wait, drain_with=lambda request, wait: (
+        flows.deletion.forget_flow(str(params.resolve()), request, wait)))  # fmt: skip
+    typer.echo(_deletion_lines(cfg, record, len(wanted), time.perf_counter() - start))
 
 
 def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
-    """What `forget` prints about a finished deletion (its record r, one part per sweep)."""
+    """What `forget` prints about the deletion that forgot its samples (its record r, one part
+    per sweep): the Delta series shortened (the audit record and the plot keep all of it)."""
     sweeps = r["sweeps"]
     plan = f", in {len(sweeps)} sweeps" if len(sweeps) > 1 else ""
     lines = [f"forgot {n} sample(s) in {seconds:.1f} s{plan}:"]
@@ -306,7 +297,7 @@ def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
             continue
         lines.append(
             f"  {s['request_id']}: retrained blocks {s['first_block']}..{s['stop_block']} "
-            f"(t={s['t']}, {s['reason']}); Delta: " + ", ".join(f"{d:.3g}" for d in s["deltas"])
+            f"(t={s['t']}, {s['reason']}); Delta: {delta_summary(s['deltas'])}"
         )
         g = s.get("guard")
         if g:
@@ -317,16 +308,25 @@ def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
             )
     plots = [str(cfg.paths.reports / f"{s['request_id']}.png") for s in sweeps if s["deltas"]]
     acc = r.get("test_accuracy_after")
-    tested = f"{acc:.4f}" if acc is not None else "not refreshed (run `dvc repro evaluate`)"
+    tested = f"{acc:.4f}" if acc is not None else "not refreshed (see `obliviate status`)"
     deleted = sum(s.get("purged_remote_objects", 0) for s in sweeps)
     remote = {"done": f"; DVC remote: {deleted} old object(s) deleted",
               "pending": "; DVC remote: purge pending (see the warning)"}  # fmt: skip
     lines.append(
-        f"  test accuracy of the unlearned model {tested}; versioned: {r['versioned']}"
+        f"  test accuracy of the unlearned model {tested}; versioned: {r.get('versioned')}"
         + remote.get(r.get("remote_purge"), "")
         + (f"; plot: {', '.join(plots)}" if plots else "")
     )
     return "\n".join(lines)
+
+
+def delta_summary(deltas: list[float], edge: int = 3) -> str:
+    """The Delta series as a line reads well: every value when there are few, else the first
+    and last ``edge`` values around the count left out."""
+    shown = [f"{d:.3g}" for d in deltas]
+    if len(shown) > 2 * edge + 1:
+        shown = [*shown[:edge], f"... ({len(deltas) - 2 * edge} more) ...", *shown[-edge:]]
+    return ", ".join(shown)
 
 
 @app.command()
@@ -403,10 +403,10 @@ def request(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Queue a deletion request and print its id at once; the next drain forgets it."""
-    from obliviate import inbox
+    from obliviate import lifecycle
     from obliviate.config import load_config
 
-    typer.echo(inbox.submit(load_config(params), _requested(ids, file), force))
+    typer.echo(lifecycle.submit(load_config(params), _requested(ids, file), force))
 
 
 @app.command()
@@ -414,15 +414,14 @@ def request(
 def drain(wait: WaitOpt = 0, params: ParamsOpt = Path("params.yaml")) -> None:
     """Forget every queued request now, in one sweep (what the scheduled deployment runs)."""
     _setup(params)
-    import flows.drain
+    import flows.deletion
 
-    r = flows.drain.drain_flow(str(params.resolve()), wait=wait)
-    typer.echo(
-        f"drained: {len(r['done'])} request(s) done"
-        + (f" by deletion {r['deletion']}" if r["deletion"] else "")
-        + (f" (finished after a crash: {', '.join(r['recovered'])})" if r["recovered"] else "")
-        + f", {len(r['refused'])} refused"
-    )
+    out = flows.deletion.drain_flow(str(params.resolve()), wait=wait)
+    deletion = f" by deletion {out.record['deletion']}" if out.record else ""
+    crashed = f" (finished after a crash: {', '.join(out.recovered)})" if out.recovered else ""
+    refreshed = "" if out.accuracy is None else f"; test accuracy {out.accuracy:.4f}"
+    typer.echo(f"drained: {len(out.done)} request(s) done{deletion}{crashed}, "
+               f"{len(out.refused)} refused{refreshed}")  # fmt: skip
 
 
 @app.command()
@@ -433,7 +432,7 @@ def serve(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Serve the drain-inbox deployment: a Prefect server runs it on a cron schedule."""
+    """Serve the drain deployment: a Prefect server runs it on a cron schedule."""
     from obliviate.config import five_field_cron
     from obliviate.errors import ObliviateError
 
@@ -445,7 +444,7 @@ def serve(
     cfg, _ = _setup(params)  # params.yaml's serve.cron was checked when it was read
     from prefect.settings import PREFECT_API_URL
 
-    import flows.drain
+    import flows.deletion
 
     schedule = cron or cfg.serve.cron
     if not PREFECT_API_URL.value():
@@ -453,8 +452,8 @@ def serve(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
             "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
-    typer.echo(f"serving deployment drain-inbox/{cfg.serve.deployment} on '{schedule}'")
-    flows.drain.drain_flow.serve(  # limit 1: a slow drain is not overtaken by the next one
+    typer.echo(f"serving deployment drain/{cfg.serve.deployment} on '{schedule}'")
+    flows.deletion.drain_flow.serve(  # limit 1: a slow drain is not overtaken by the next one
         name=cfg.serve.deployment,
         cron=schedule,
         parameters={"params": str(params.resolve())},
@@ -468,8 +467,8 @@ def status(
     request_id: Annotated[str | None, typer.Argument(help="A request id from `request`.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """One request's state, or the store, the last deletions and the inbox at a glance."""
-    from obliviate import inbox
+    """One request's state, or the store, the last deletions, the requests and the metrics."""
+    from obliviate import lifecycle
     from obliviate.config import load_config
 
     cfg = load_config(params)
@@ -481,7 +480,7 @@ def status(
                 f"no deletion request {shown_id(request_id)}; use the id that `obliviate "
                 "request` printed."
             )
-        typer.echo(inbox.describe(inbox.get(cfg, request_id)))
+        typer.echo(lifecycle.describe(lifecycle.get(cfg, request_id)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -490,7 +489,7 @@ def status(
     from obliviate.errors import StoreError
     from obliviate.store import ParamStore
 
-    requests = inbox.entries(cfg)  # read everything first: a damaged file is one sentence
+    requests = lifecycle.entries(cfg)  # read everything first: a damaged file is one sentence
     records = read_records(cfg.paths.audit)
     console = Console()
     try:
@@ -517,11 +516,12 @@ def status(
         table.add_row(r["request_id"], r["finished_at"], n, blocks, str(r["t"]),
                       _accuracy(r))  # fmt: skip
     console.print(table)
-    counts = {k: sum(e["status"] == k for e in requests) for k in inbox.STATUSES}
-    console.print("inbox: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
-    waiting = [e for e in requests if e["status"] in ("queued", "running")]
+    counts = {k: sum(e["status"] == k for e in requests) for k in lifecycle.STATUSES}
+    console.print("requests: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    waiting = [e for e in requests if e["status"] not in ("done", "refused")]
     for e in waiting or requests[-1:]:  # what is pending, else the latest request
-        console.print("  " + inbox.describe(e))
+        console.print("  " + lifecycle.describe(e))
+    console.print(lifecycle.describe_metrics(cfg))
 
 
 @app.command()
@@ -548,13 +548,14 @@ def audit(
     cfg = load_config(params)
     if migrate:
         from obliviate import audit as trail
+        from obliviate import lifecycle
         from obliviate.data import load_dataset
         from obliviate.transaction import State
 
         ds = load_dataset(cfg.prepare, cfg.root, cfg.train.image_size)
         candidates = [*map(str, ds.train.ids), *map(str, ds.test.ids)]
         with State.of(cfg).lock():
-            done, left = trail.migrate(cfg, candidates)
+            done, left = trail.migrate(cfg, candidates, lifecycle.journal_dir(cfg))
         typer.echo(
             f"rewrote {done} audit record(s) with keyed id hashes; {left} left unkeyed (ids not "
             f"in the data source; still recognised); commit {cfg.paths.audit.name}"

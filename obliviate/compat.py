@@ -20,7 +20,6 @@ from obliviate.config import Config
 from obliviate.device import device_record
 from obliviate.errors import ConfigError, StoreError
 from obliviate.models import file_sha256
-from obliviate.objectstore import require_local
 from obliviate.partition import read_manifest
 
 # train keys that do not change the stored rows: where training runs (the device class is
@@ -53,10 +52,9 @@ def store_fingerprint(cfg: Config) -> str:
 
 
 def require_usable(cfg: Config, store, trainer) -> None:
-    """A deletion retrains from ``store`` with ``trainer``, or not at all: a local, complete
-    store built from today's params and blocks, on this device class, with this model (replay
-    would not be exact otherwise); else one sentence."""
-    require_local(cfg.paths.store)
+    """A deletion retrains from ``store`` (a local one) with ``trainer``, or not at all: a
+    complete store built from today's params and blocks, on this device class, with this model
+    (replay would not be exact otherwise); else one sentence."""
     store.require_complete()
     if store.meta["fingerprint"] != store_fingerprint(cfg):  # replay would not be exact
         raise StoreError(

@@ -7,7 +7,7 @@
 - the blocks: the manifest, every block file against its sha256, sizes, the id index;
 - the audit trail: every line a record, each ``model_before`` equal to the previous record's
   ``model_after``, keyed hashes made with the present id key;
-- the journal and staging folder (interrupted deletions), the inbox and the id key file.
+- the request journal and the staging folder (interrupted deletions) and the id key file.
 
 ``preflight(cfg)`` is the cheap part that evaluate, verify, forget and drain run before they
 write anything: the store complete, every chunk of every row present with a right checksum (a
@@ -280,21 +280,33 @@ def _check_audit(cfg: Config, manifest: dict | None, problems: list[str]) -> Non
 
 
 def _check_journal(cfg: Config, problems: list[str]) -> None:
-    state = cfg.paths.state
-    requests, staging = state / "requests", state / "staging"
-    for path in sorted(requests.glob("*.json")) if requests.is_dir() else []:
+    from obliviate.lifecycle import STATUSES, UNFINISHED, journal_dir
+
+    state, journal = cfg.paths.state, journal_dir(cfg)
+    for path in sorted(journal.glob("req-*.json")) if journal.is_dir() else []:
         entry = _json(path)
-        if entry is None or entry.get("status") not in ("accepted", "done", "refused"):
-            problems.append(f"{path} is not a journal entry; remove it (the deletion it named "
-                            "is in the audit if it happened).")  # fmt: skip
-        elif entry["status"] == "accepted":
-            problems.append(f"deletion {path.stem} was interrupted and is pending; {RECOVER}.")
-        elif entry.get("ids"):
+        if entry is None or entry.get("status") not in STATUSES:
             problems.append(
-                f"{path} is closed ({entry['status']}) but still holds raw sample ids; "
-                "remove the file (the audit keeps the hashes)."
+                f"{path} is not a deletion request; remove it and submit the request again (the "
+                "deletion it named is in the audit if it happened)."
             )
-    for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
+        elif entry["status"] in UNFINISHED:
+            problems.append(
+                f"request {path.stem} is {entry['status']}: deletion {entry.get('deletion')} was "
+                f"interrupted; {RECOVER}."
+            )
+        elif entry["status"] in ("done", "refused") and entry.get("ids"):
+            problems.append(
+                f"{path} is {entry['status']} but still holds raw sample ids; remove the file "
+                "(the audit keeps the hashes)."
+            )
+    for old in ("inbox", "requests/del-*.json"):
+        if list(state.glob(old)):
+            problems.append(
+                f"{state / old} is from an older obliviate; run `obliviate drain`, which moves "
+                "its requests into the one journal."
+            )
+    for folder in sorted((state / "staging").iterdir()) if (state / "staging").is_dir() else []:
         if folder.name.startswith(".tmp-"):
             problems.append(f"{folder} is an incomplete staging folder; {RECOVER} (it is dropped).")
         elif _json(folder / "txn.json") is None or not (folder / "rows.zarr").is_dir():
@@ -304,12 +316,6 @@ def _check_journal(cfg: Config, problems: list[str]) -> None:
             )
         else:
             problems.append(f"deletion {folder.name} is staged but not applied; {RECOVER}.")
-    inbox = state / "inbox"
-    for path in sorted(inbox.glob("req-*.json")) if inbox.is_dir() else []:
-        entry = _json(path)
-        if entry is None or entry.get("status") not in ("queued", "running", "done", "refused"):
-            problems.append(f"{path} is not an inbox request; remove it and submit the request "
-                            "again.")  # fmt: skip
 
 
 def _json(path: Path) -> dict | None:

@@ -135,6 +135,15 @@ def plan_deletion(
     return dict(sorted(plan.items()))
 
 
+def refuse_unsafe_together(ids: list[str], blocks_dir: Path, force: bool) -> None:
+    """RequestError if removing all of ``ids`` (each known, and valid alone) at once is unsafe:
+    it would empty a block or the validation split, or remove a whole class (unless ``force``)."""
+    if force:
+        return
+    index = SampleIndex.of(blocks_dir)
+    _refuse_unsafe(index, np.flatnonzero(np.isin(index.ids, ids)))
+
+
 def _refuse_unsafe(index: SampleIndex, rows: np.ndarray) -> None:
     removed_per_block = Counter(index.block[rows].tolist())
     sizes = Counter(index.block.tolist())

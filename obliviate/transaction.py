@@ -1,19 +1,17 @@
-"""Crash-safe deletions: a request journal, a staged redo record, and an idempotent apply.
+"""Crash-safe deletions: a staged redo record and an idempotent apply, under one writer lock.
 
-    <state>/requests/<id>.json   the accepted request (ids), until it is done
-    <state>/staging/<id>/        everything the deletion will write, complete before it counts
+    <state>/staging/<id>/        everything a deletion will write, complete before it counts
     <state>/writer.lock          one writer at a time (an OS file lock: a killed holder frees it)
     <state>/writer.holder.json   who holds it (pid, command, since), for the one waiting
-    <state>/remote_purge.json    superseded objects still to delete from the DVC remote
 
-A deletion is (1) journaled, (2) computed in memory (obliviate.sweep.sweep), (3) staged in a
-temporary folder that is renamed into place when complete: the commit point, then (4) applied:
-store rows, block files, manifest, metrics, audit record, DVC/git commit, purge of superseded
-DVC objects from the cache and from the default DVC remote. Every apply step is idempotent. On
-the next run ``recover`` re-applies a complete staging folder, drops an incomplete one and
-re-runs journaled requests, so SIGKILL at any point leaves the old state or, after recovery, the
-new one. A remote that cannot be reached does not hold a deletion back: its purge stays pending
-and recovery retries it.
+A deletion's sweep (``obliviate.sweep``) streams its rows into a temporary staging folder; the
+rest of the redo record (M', the shift, the new blocks, manifest and audit record) joins them,
+and the folder is renamed into place: the commit point. ``apply`` then installs it: store rows,
+block files, manifest, the audit record, the DVC/git version, the purge of superseded DVC
+objects from the cache and the default remote (``obliviate.versioning``). Every apply step is
+idempotent, so ``recover`` re-applies a complete staging folder and drops an incomplete one:
+SIGKILL at any point leaves the old state or, after recovery, the new one. Which requests a
+deletion serves is the request journal's business (``obliviate.lifecycle``).
 """
 
 from __future__ import annotations
@@ -35,11 +33,12 @@ import numpy as np
 from obliviate import audit, versioning
 from obliviate.compat import fingerprint_for
 from obliviate.config import Config
-from obliviate.errors import ObliviateError, RequestError
+from obliviate.errors import ObliviateError
 from obliviate.faults import crashpoint
 from obliviate.hashing import file_digest
 from obliviate.partition import INDEX, MANIFEST, block_entry, block_file, read_manifest, save_npz
 from obliviate.requests import SampleIndex
+from obliviate.store import ParamStore
 
 log = logging.getLogger(__name__)
 HOLDER = "writer.holder.json"
@@ -65,10 +64,6 @@ class State:
     @classmethod
     def of(cls, cfg: Config) -> State:
         return cls(cfg.paths.state)
-
-    @property
-    def requests(self) -> Path:
-        return self.root / "requests"
 
     @property
     def staging(self) -> Path:
@@ -121,12 +116,6 @@ class State:
         except (OSError, ValueError, KeyError):
             return "another obliviate process"
 
-    def pending(self) -> list[dict]:
-        if not self.requests.is_dir():
-            return []
-        entries = [json.loads(p.read_text()) for p in sorted(self.requests.glob("*.json"))]
-        return [e for e in entries if e["status"] == "accepted"]
-
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,28 +124,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def new_request_id() -> str:
+def new_deletion_id() -> str:
     return f"del-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def journal_request(state: State, request_id: str, ids: list[str], force: bool) -> None:
-    entry = {
-        "request_id": request_id,
-        "ids": ids,
-        "force": force,
-        "status": "accepted",
-        "submitted_at": time.time(),
-    }
-    write_json_atomic(state.requests / f"{request_id}.json", entry)
-
-
-def finish_request(state: State, request_id: str, status: str = "done", why: str = "") -> None:
-    """Close a journal entry and drop its ids: only the audit's hashes remain."""
-    path = state.requests / f"{request_id}.json"
-    if path.is_file():
-        entry = json.loads(path.read_text())
-        entry.update(status=status, ids=[], finished_at=time.time(), reason=why)
-        write_json_atomic(path, entry)
 
 
 # --------------------------------------------------------------------------- staging
@@ -176,9 +145,9 @@ class Staging:
             self.rows["optimizer"][k] = opt
 
 
-def begin(cfg: Config, request_id: str, store) -> Staging:
-    """An empty staging folder for ``request_id`` (not yet committed: recovery drops it)."""
-    tmp = State.of(cfg).staging / f".tmp-{request_id}"
+def begin(cfg: Config, txn_id: str, store) -> Staging:
+    """An empty staging folder for ``txn_id`` (not yet committed: recovery drops it)."""
+    tmp = State.of(cfg).staging / f".tmp-{txn_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return Staging(tmp, store.staging_arrays(tmp / "rows.zarr"))
@@ -187,18 +156,15 @@ def begin(cfg: Config, request_id: str, store) -> Staging:
 def stage(
     cfg: Config,
     staging: Staging,
-    request_id: str,
+    txn_id: str,
     sweep,
     record: dict,
     superseded_md5: list[str],
-    journal: dict,
+    reference_drop: list[int],
 ) -> dict:
     """Complete the redo record of a computed deletion; its final rename is the commit point.
 
-    ``journal``: the journaled request this deletion belongs to (``journal_id``) and whether it
-    is the request's last planned sweep (``last_part``), which finishes the journal entry.
-
-    ``sweep`` is the forget.Sweep (None when only validation samples leave). The new manifest
+    ``sweep`` is the sweep.Sweep (None when only validation samples leave). The new manifest
     and store fingerprint are derived here from the staged block files, so the record states
     exactly what ``apply`` will install. Returns the staged transaction.
     """
@@ -233,7 +199,7 @@ def stage(
         "blocks_after": {str(k): block_entry(manifest, k)["sha256"] for k in sorted(new_blocks)},
     }
     txn = {
-        "request_id": request_id,
+        "txn_id": txn_id,
         "rows": rows,
         "blocks": sorted(new_blocks),
         "manifest": manifest,
@@ -243,11 +209,11 @@ def stage(
         ],
         "record": record,
         "superseded_md5": superseded_md5,
-        **journal,
+        "reference_drop": reference_drop,  # validation slots that leave: the guard's too
     }
     write_json_atomic(tmp / "txn.json", txn)
     crashpoint("before_commit")
-    os.replace(tmp, State.of(cfg).staging / request_id)  # <- commit point
+    os.replace(tmp, State.of(cfg).staging / txn_id)  # <- commit point
     return txn
 
 
@@ -266,18 +232,16 @@ def drop_incomplete(state: State) -> None:
 # --------------------------------------------------------------------------- apply
 
 
-def apply(cfg: Config, request_id: str) -> dict:
+def apply(cfg: Config, txn_id: str) -> dict:
     """Install a staged deletion; safe to run again after a crash at any point."""
-    from obliviate.store import ParamStore
-
     state = State.of(cfg)
-    folder = state.staging / request_id
+    folder = state.staging / txn_id
     txn = json.loads((folder / "txn.json").read_text())
     store = ParamStore.open(cfg.paths.store)
     rows = range(*txn["rows"]) if txn["rows"] else range(0)
     shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
     store.install_deletion(
-        request_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
+        txn_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
         txn.get("reference_drop", []),
     )  # fmt: skip
     crashpoint("after_store")
@@ -294,77 +258,18 @@ def apply(cfg: Config, request_id: str) -> dict:
     crashpoint("after_audit")
     clock = time.perf_counter()
     versioned = versioning.commit(
-        cfg, [cfg.paths.blocks, cfg.paths.store], f"obliviate: forget request {request_id}"
+        cfg, [cfg.paths.blocks, cfg.paths.store], f"obliviate: forget request {txn_id}"
     )
     versioning_s = time.perf_counter() - clock
     crashpoint("after_commit")
-    purged = purge_cache(cfg, txn["superseded_md5"])
-    remote = purge_remote(cfg, txn["superseded_md5"])
-    if txn.get("last_part", True):  # before removing the redo record: a crash in between
-        finish_request(state, txn.get("journal_id", request_id))
-    done = state.staging / f".tmp-{request_id}"  # re-applies (a no-op), never re-runs it;
+    purged = versioning.purge_cache(cfg.root, txn["superseded_md5"])
+    remote = versioning.purge_remote(cfg, txn["superseded_md5"])
+    done = state.staging / f".tmp-{txn_id}"  # re-applies (a no-op), never re-runs it;
     os.replace(folder, done)  # renamed first, so a crash mid-removal leaves only a .tmp-
     shutil.rmtree(done)  # folder, which recovery drops
     timings = {**txn["record"]["timings_s"], "versioning": versioning_s}  # DVC and git
     return {**txn["record"], "timings_s": timings, "versioned": versioned,
             "purged_cache_objects": purged, **remote}  # fmt: skip
-
-
-def dvc_cache_dir(root: Path) -> Path:
-    return root / ".dvc" / "cache" / "files" / "md5"
-
-
-def purge_cache(cfg: Config, md5s: list[str]) -> int:
-    """Delete superseded objects from the DVC cache by hash (`dvc gc` would keep history).
-
-    Objects the current dvc.lock still references (an unchanged metadata file, say) stay.
-    """
-    cache = dvc_cache_dir(cfg.root)
-    in_use = md5s_in_use(cfg.root)
-    removed = 0
-    for h in set(md5s) - in_use:
-        obj = cache / h[:2] / h[2:]
-        with contextlib.suppress(FileNotFoundError):
-            obj.unlink()
-            removed += 1
-    return removed
-
-
-def md5s_in_use(root: Path) -> set[str]:
-    """Every file hash the current dvc.lock points at, through the .dir listings."""
-    used: set[str] = set()
-    for outs in versioning.lock_outs(root).values():
-        for _, md5 in outs:
-            used.add(md5)
-            listing = dvc_cache_dir(root) / md5[:2] / md5[2:]
-            if md5.endswith(".dir") and listing.is_file():
-                used |= {entry["md5"] for entry in json.loads(listing.read_text())}
-    return used
-
-
-def purge_remote(cfg: Config, md5s: list[str] = ()) -> dict:
-    """Delete superseded objects from the project's default DVC remote too (those the current
-    dvc.lock still references stay), with any an earlier try left pending.
-
-    The hashes are written to <state>/remote_purge.json first: a crash, or a remote that cannot
-    be reached, leaves them there, and recovery or the next deletion retries. Returns the
-    record's fields: ``remote_purge`` ("done", "pending" or "no remote"),
-    ``purged_remote_objects`` and, when pending, ``remote_purge_error`` (one sentence, also
-    logged as a warning). Never raises: the deletion is committed by then."""
-    if not versioning.is_dvc_project(cfg.root):
-        return {"remote_purge": "no remote", "purged_remote_objects": 0}
-    pending = State.of(cfg).root / "remote_purge.json"
-    todo = set(md5s) | set(json.loads(pending.read_text())["md5"] if pending.is_file() else [])
-    if todo:
-        write_json_atomic(pending, {"md5": sorted(todo)})
-    try:
-        n = versioning.purge_remote(cfg.root, todo - md5s_in_use(cfg.root))
-    except versioning.VersioningError as exc:
-        log.warning("%s", exc)
-        return {"remote_purge": "pending", "purged_remote_objects": 0,
-                "remote_purge_error": str(exc)}  # fmt: skip
-    pending.unlink(missing_ok=True)
-    return {"remote_purge": "no remote" if n is None else "done", "purged_remote_objects": n or 0}
 
 
 def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> list[Path]:
@@ -376,25 +281,17 @@ def superseded_files(cfg: Config, store, blocks: list[int], rows: list[int]) -> 
     return [f for f in files if f.is_file()]
 
 
-def recover(cfg: Config, run_request) -> list[str]:
-    """Finish what a crash interrupted; ``run_request(cfg, entry)`` re-runs a journaled request."""
+def recover(cfg: Config) -> list[str]:
+    """Finish what a crash interrupted at this level: drop incomplete staging folders, repair
+    DVC's lock state (a deletion killed inside DVC can leave it broken), apply every committed
+    one, and retry a remote purge left pending. Returns the transactions applied."""
     state = State.of(cfg)
     drop_incomplete(state)
-    versioning.repair_dvc_locks(
-        cfg.root, cfg.paths.state
-    )  # a deletion killed inside DVC can leave them broken
+    versioning.repair_dvc_locks(cfg.root, cfg.paths.state)
     done = []
-    for request_id in staged_ids(state):
-        apply(cfg, request_id)
-        done.append(request_id)
-    for entry in state.pending():
-        try:
-            run_request(cfg, entry)
-        except RequestError as exc:  # became invalid meanwhile: record why, do not retry forever
-            why = audit.redact(str(exc), entry["ids"], audit.IdHasher.of(cfg))
-            finish_request(state, entry["request_id"], status="refused", why=why)
-            continue
-        done.append(entry["request_id"])
-    if not done and (state.root / "remote_purge.json").is_file():  # else apply retried it
-        purge_remote(cfg)
+    for txn_id in staged_ids(state):
+        apply(cfg, txn_id)
+        done.append(txn_id)
+    if not done:  # else apply retried it
+        versioning.purge_remote(cfg)
     return done

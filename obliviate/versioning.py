@@ -13,8 +13,10 @@ obliviate's writer lock, so no obliviate process is inside DVC at that moment. T
 ``.dvc/tmp/lock`` needs no repair: DVC takes it as an OS file lock, which a killed holder frees
 (with ``core.hardlink_lock`` it stays, and cannot be told from a live holder's: one sentence).
 
-``purge_remote`` removes objects by hash from the project's default DVC remote, as
-`dvc gc --cloud` does (through DVC's object database for that remote: S3, GCS, a folder ...).
+The purge: ``purge_cache`` deletes the objects a deletion superseded from the DVC cache by hash,
+``purge_remote`` from the project's default DVC remote, as `dvc gc --cloud` does (through DVC's
+object database for that remote: S3, GCS, a folder ...), keeping what it could not reach
+pending for the next try.
 """
 
 from __future__ import annotations
@@ -286,7 +288,73 @@ def _gone(pid: int, since: float) -> bool:
         return False
 
 
-def purge_remote(root: Path, md5s: set[str]) -> int | None:
+# --------------------------------------------------------------------------- the purge
+
+
+def dvc_cache_dir(root: Path) -> Path:
+    return root / ".dvc" / "cache" / "files" / "md5"
+
+
+def purge_cache(root: Path, md5s: list[str]) -> int:
+    """Delete superseded objects from the DVC cache by hash (`dvc gc` would keep history).
+
+    Objects the current dvc.lock still references (an unchanged metadata file, say) stay.
+    """
+    cache = dvc_cache_dir(root)
+    in_use = md5s_in_use(root)
+    removed = 0
+    for h in set(md5s) - in_use:
+        obj = cache / h[:2] / h[2:]
+        with contextlib.suppress(FileNotFoundError):
+            obj.unlink()
+            removed += 1
+    return removed
+
+
+def md5s_in_use(root: Path) -> set[str]:
+    """Every file hash the current dvc.lock points at, through the .dir listings."""
+    used: set[str] = set()
+    for outs in lock_outs(root).values():
+        for _, md5 in outs:
+            used.add(md5)
+            listing = dvc_cache_dir(root) / md5[:2] / md5[2:]
+            if md5.endswith(".dir") and listing.is_file():
+                used |= {entry["md5"] for entry in json.loads(listing.read_text())}
+    return used
+
+
+PENDING_PURGE = "remote_purge.json"  # in the state folder: hashes still to delete remotely
+
+
+def purge_remote(cfg: Config, md5s: list[str] = ()) -> dict:
+    """Delete superseded objects from the project's default DVC remote too (those the current
+    dvc.lock still references stay), with any an earlier try left pending.
+
+    The hashes are written to <state>/remote_purge.json first: a crash, or a remote that cannot
+    be reached, leaves them there, and recovery or the next deletion retries. Returns the
+    record's fields: ``remote_purge`` ("done", "pending" or "no remote"),
+    ``purged_remote_objects`` and, when pending, ``remote_purge_error`` (one sentence, also
+    logged as a warning). Never raises: the deletion is committed by then."""
+    if not is_dvc_project(cfg.root):
+        return {"remote_purge": "no remote", "purged_remote_objects": 0}
+    pending = cfg.paths.state / PENDING_PURGE
+    todo = set(md5s) | set(json.loads(pending.read_text())["md5"] if pending.is_file() else [])
+    if todo:
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pending.with_name(f".{pending.name}.tmp")
+        tmp.write_text(json.dumps({"md5": sorted(todo)}))
+        os.replace(tmp, pending)
+    try:
+        n = _remove_from_remote(cfg.root, todo - md5s_in_use(cfg.root))
+    except VersioningError as exc:
+        log.warning("%s", exc)
+        return {"remote_purge": "pending", "purged_remote_objects": 0,
+                "remote_purge_error": str(exc)}  # fmt: skip
+    pending.unlink(missing_ok=True)
+    return {"remote_purge": "no remote" if n is None else "done", "purged_remote_objects": n or 0}
+
+
+def _remove_from_remote(root: Path, md5s: set[str]) -> int | None:
     """Remove the objects with these md5s from the project's default DVC remote, as
     `dvc gc --cloud` does; returns how many were there, or None without a default remote.
     RemoteError (one sentence) when the remote cannot be configured, reached or written."""

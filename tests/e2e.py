@@ -89,9 +89,9 @@ def dvc_status(ws: Path) -> str:
 
 
 def final_state(ws: Path, dvc=dvc_status) -> dict:
-    """What a deletion leaves: store rows, sample ids, audited models, staging, the inbox and
-    `dvc status` (``dvc``: how to get it)."""
-    from obliviate import inbox
+    """What a deletion leaves: store rows, sample ids, audited models, staging, the requests
+    and `dvc status` (``dvc``: how to get it)."""
+    from obliviate import lifecycle
     from obliviate.audit import read_records
     from obliviate.config import load_config
     from obliviate.requests import SampleIndex
@@ -105,6 +105,6 @@ def final_state(ws: Path, dvc=dvc_status) -> dict:
         "ids": sorted(SampleIndex.of(cfg.paths.blocks).ids),
         "models": [r["model_after"] for r in records],
         "staging": sorted(p.name for p in (cfg.paths.state / "staging").glob("*")),
-        "inbox": sorted(e["status"] for e in inbox.entries(cfg)),  # the request, finished once
+        "requests": sorted(e["status"] for e in lifecycle.entries(cfg)),  # finished once
         "dvc": dvc(ws),
     }

@@ -31,7 +31,7 @@ import traceback
 # stop rule's nolds with scikit-learn, scipy and pandas, DVC with its git layer, matplotlib (the
 # Delta plot), Prefect's engines.
 WARM = ["obliviate.cli", "obliviate.deletion", "obliviate.compare", "obliviate.validate",
-        "flows.drain", "flows.pipeline", "torch._inductor", "nolds", "sklearn.linear_model",
+        "flows.deletion", "flows.pipeline", "torch._inductor", "nolds", "sklearn.linear_model",
         "sklearn.model_selection", "scipy.stats", "pandas", "dvc.cli", "dvc.repo", "dvc.lock",
         "dvc.rwlock", "dvc.scm", "dvc.cachemgr", "dvc.data_cloud", "scmrepo.git", "dulwich.repo",
         "matplotlib.pyplot", "fastapi", "prefect.flow_engine", "prefect.task_engine"]  # fmt: skip

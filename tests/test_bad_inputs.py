@@ -6,7 +6,7 @@ case. The CLI runs in-process through typer's CliRunner (no process start per ca
 cases that need real argv bytes run a subprocess. Prefect's ephemeral server (which the cases
 that run a flow need) starts once per session, in the background while the workspace trains.
 
-A case that fails because of code being rewritten elsewhere (the deletion path, the inbox)
+A case that fails because of code being rewritten elsewhere (the deletion path, the journal)
 stays in the table as a strict xfail naming the bug (``EXPECTED_FAILURES``).
 """
 
@@ -203,7 +203,7 @@ CSV_WITH_ID = params(prepare={"dataset": "csv", "source": "raw/table.csv", "id":
 GOOD_ROWS = "".join(f"{i},{i % 3}.5,{i % 2}\n" for i in range(40))
 BLOCK = "data/blocks/block_0004.npz"
 PARAMS_CHUNK = "models/store.zarr/params/c/5/0"
-INBOX = ".obliviate/inbox"
+JOURNAL = ".obliviate/requests"
 OPT_CHUNK = "models/store.zarr/optimizer/c/3/0"
 
 
@@ -587,15 +587,15 @@ CASES = {
     "chunk missing (fsck)": Case(
         ("fsck",), "row 3 of optimizer has a missing chunk", remove(OPT_CHUNK), fsck=True
     ),
-    "inbox entry torn (status)": Case(
+    "request file torn (status)": Case(
         ("status",),
         "req-20990101T000000-abcdef.json",
-        write(f"{INBOX}/req-20990101T000000-abcdef.json", "{torn"),
+        write(f"{JOURNAL}/req-20990101T000000-abcdef.json", "{torn"),
     ),
-    "inbox entry torn (drain)": Case(
+    "request file torn (drain)": Case(
         ("drain",),
         "req-20990101T000000-abcdef.json",
-        write(f"{INBOX}/req-20990101T000000-abcdef.json", "{torn"),
+        write(f"{JOURNAL}/req-20990101T000000-abcdef.json", "{torn"),
     ),
     "audit trail torn": Case(
         ("audit",),

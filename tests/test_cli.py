@@ -51,3 +51,20 @@ def test_serve_refuses_a_bad_schedule_and_a_missing_server_in_one_sentence(tmp_p
     assert no_server.returncode == 2 and "needs a Prefect server" in no_server.stderr
     for r in (bad, out_of_range, no_server):
         assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_a_long_delta_series_prints_as_a_short_summary(tmp_path):
+    """A first-block deletion at B=500 that retrains to the end has 500 Delta values: `forget`
+    prints the first and last three and the count between, with t; the record keeps them all."""
+    from obliviate.cli import _deletion_lines, delta_summary
+    from obliviate.config import load_config
+
+    deltas = [100.0 / (k + 1) for k in range(500)]
+    assert delta_summary(deltas) == "100, 50, 33.3, ... (494 more) ..., 0.201, 0.2, 0.2"
+    assert delta_summary(deltas[:7]) == "100, 50, 33.3, 25, 20, 16.7, 14.3"  # few: all of them
+    sweep = {"request_id": "del-x", "retrained_blocks": 500, "first_block": 1, "stop_block": 500,
+             "t": 499, "reason": "end_of_store", "deltas": deltas, "guard": None}  # fmt: skip
+    cfg = load_config(write_params(tmp_path))
+    lines = _deletion_lines(cfg, {**sweep, "sweeps": [sweep], "versioned": "dvc+git"}, 1, 88.8)
+    assert "(t=499, end_of_store); Delta: 100, 50, 33.3, ... (494 more) ..." in lines
+    assert max(map(len, lines.splitlines())) < 200

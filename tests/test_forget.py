@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from obliviate import lifecycle
 from obliviate.audit import IdHasher, read_records
 from obliviate.deletion import forget
 from obliviate.errors import RequestError
@@ -256,8 +257,8 @@ def test_far_apart_blocks_are_forgotten_as_planned_sweeps(trained, tmp_path):
     assert [x["request_id"] for x in records] == [s["request_id"] for s in r["sweeps"]]
     assert all(x["sweep_plan"]["sweeps"] == [[1], [11]] for x in records)
     assert sum(s["retrained_blocks"] for s in r["sweeps"]) < cfg.prepare.blocks
-    pending = list((cfg.paths.state / "requests").glob("*.json"))
-    assert [__import__("json").loads(p.read_text())["status"] for p in pending] == ["done"]
+    (request,) = lifecycle.entries(cfg)
+    assert request["status"] == "done" and request["deletion"] == r["deletion"]
     for sid in ids:  # the same as two requests one after the other, bit for bit
         forget(one_by_one, [sid])
     got, want = rows(cfg), rows(one_by_one)
@@ -265,12 +266,10 @@ def test_far_apart_blocks_are_forgotten_as_planned_sweeps(trained, tmp_path):
 
 
 def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
-    import json
     import os
     import subprocess
     import sys
 
-    from obliviate import inbox
     from obliviate.deletion import drain
 
     cfg = trained
@@ -282,13 +281,13 @@ def test_a_crash_between_planned_sweeps_resumes_with_the_rest(trained):
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert crashed.returncode == -9, crashed.stderr
     assert len(read_records(cfg.paths.audit)) == 1  # the first sweep is in
-    (entry,) = [json.loads(p.read_text()) for p in (cfg.paths.state / "requests").glob("*")]
-    assert entry["status"] == "accepted"  # the request is not finished
+    (entry,) = lifecycle.entries(cfg)
+    assert entry["status"] == "running"  # the request is not finished: its last sweep is not in
     out = drain(cfg, refresh=False)  # what `obliviate drain` (or the next forget) runs first
-    assert out.recovered == [f"{entry['request_id']}-b1", entry["request_id"]]
-    (request,) = inbox.entries(cfg)
+    assert out.recovered == [f"{entry['deletion']}-b1", entry["deletion"]]
+    (request,) = lifecycle.entries(cfg)
     assert out.done == [request] and request["status"] == "done"  # reported done, once
-    assert request["deletion"] == entry["request_id"] and "ids" not in request
+    assert request["deletion"] == entry["deletion"] and "ids" not in request
     records = read_records(cfg.paths.audit)
     assert [x["blocks"] for x in records] == [[1], [11]]  # the rest, once; nothing redone
     index = set(SampleIndex.of(cfg.paths.blocks).ids)
@@ -313,8 +312,7 @@ def test_a_request_that_cannot_run_here_is_refused_before_the_journal(trained):
     sid = str(load_block(cfg.paths.blocks, 4).ids[0])
     with pytest.raises(ObliviateError, match="cuda"):
         forget(cfg, [sid])
-    assert not list((cfg.paths.state / "requests").glob("*.json"))  # nothing journaled
-    assert not list((cfg.paths.state / "inbox").glob("*.json"))  # nor queued: withdrawn
+    assert lifecycle.entries(cfg) == []  # nothing journaled: withdrawn
     assert forget(trained, [sid])["blocks"] == [4]  # and nothing left to block the next one
 
 
@@ -335,9 +333,7 @@ def test_forget_again_after_a_crash_reports_the_deletion_that_recovery_finished(
     r = forget(cfg, [sid], refresh=False)  # the user runs the same command again
     (record,) = read_records(cfg.paths.audit)  # one deletion: the recovered one, not a second
     assert r["request_id"] == record["request_id"] and r["blocks"] == [4]
-    from obliviate import inbox
-
-    (request,) = inbox.entries(cfg)  # the retry joined the killed request: finished once
+    (request,) = lifecycle.entries(cfg)  # the retry joined the killed request: finished once
     assert request["status"] == "done" and request["deletion"] == record["request_id"]
 
 

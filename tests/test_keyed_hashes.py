@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from obliviate import inbox
+from obliviate import lifecycle
 from obliviate.audit import (
     KEY_ENV,
     KEY_FILE,
@@ -37,19 +37,20 @@ def hashes_in(folder, skip=()) -> set[str]:
 
 
 def test_no_hash_in_the_workspace_reidentifies_a_sample_without_the_key(trained, monkeypatch):
-    """After a deletion (and an inbox request), enumerate digits:0..1796 against every stored
-    hash: no unkeyed sha256 matches; the keyed hashes match only under the workspace's key."""
+    """After a deletion (and its request, finished in the journal), enumerate digits:0..1796
+    against every stored hash: no unkeyed sha256 matches; the keyed hashes match only under the
+    workspace's key."""
     from obliviate.deletion import forget
 
     monkeypatch.delenv(KEY_ENV, raising=False)
     cfg = trained
     sid = str(load_block(cfg.paths.blocks, 5).ids[3])
-    rid = inbox.submit(cfg, [sid])
     forget(cfg, [sid])
-    inbox.finish(cfg, inbox.get(cfg, rid), "done")
+    (request,) = lifecycle.entries(cfg)
+    rid = request["request_id"]
     key_file = cfg.paths.state / KEY_FILE
     stored = hashes_in(cfg.root, skip={key_file})
-    assert stored  # the audit and the inbox hold hashes
+    assert stored  # the audit and the request journal hold hashes
 
     unkeyed = {legacy_id_hash(i) for i in DIGITS_IDS}
     unkeyed |= {hashlib.sha256(i.encode()).hexdigest() for i in DIGITS_IDS}
@@ -58,7 +59,7 @@ def test_no_hash_in_the_workspace_reidentifies_a_sample_without_the_key(trained,
     hasher = IdHasher.of(cfg)
     keyed = {hasher(i): i for i in DIGITS_IDS}
     assert {keyed[h] for h in stored if h in keyed} == {sid}
-    for where in (cfg.paths.audit, cfg.paths.state / "inbox" / f"{rid}.json"):
+    for where in (cfg.paths.audit, lifecycle.journal_dir(cfg) / f"{rid}.json"):
         assert hasher(sid) in where.read_text() and sid not in where.read_text()
     wrong = IdHasher(secrets.token_bytes(32))
     assert not stored & {wrong(i) for i in DIGITS_IDS}
@@ -123,7 +124,8 @@ def test_a_lost_or_replaced_key_refuses_instead_of_forgetting_what_was_forgotten
 
 def test_a_deletion_on_an_old_unkeyed_audit_still_refuses_a_forgotten_id(trained, monkeypatch):
     """Migration: records without "id_hash" are read with the old unkeyed hash, so an id they
-    list stays forgotten for deletions, the inbox and a new partition; new records are keyed."""
+    list stays forgotten for deletions, queued requests and a new partition; new records are
+    keyed."""
     from obliviate.data import load_dataset
     from obliviate.deletion import forget
     from obliviate.partition import without_forgotten
@@ -135,9 +137,9 @@ def test_a_deletion_on_an_old_unkeyed_audit_still_refuses_a_forgotten_id(trained
                                     [legacy_id_hash(old)]})  # fmt: skip
     with pytest.raises(RequestError, match=f"{old} already forgotten"):
         forget(cfg, [old])
-    assert not list((cfg.paths.state / "requests").glob("*.json"))  # refused before the journal
+    assert lifecycle.entries(cfg) == []  # refused before the journal
     with pytest.raises(RequestError, match="already forgotten"):
-        inbox.submit(cfg, [old])
+        lifecycle.submit(cfg, [old])
 
     new = str(load_block(cfg.paths.blocks, 9).ids[0])
     forget(cfg, [new])
@@ -191,7 +193,7 @@ def test_migrate_rewrites_unkeyed_records_it_can_match_and_keeps_them_forgotten(
     append_record(prepared.paths.audit, {"request_id": "r0", "sample_id_hashes": old})
     stranger = legacy_id_hash("digits:not-in-the-source")
     append_record(prepared.paths.audit, {"request_id": "r1", "sample_id_hashes": [stranger]})
-    assert migrate(prepared, DIGITS_IDS) == (1, 1)
+    assert migrate(prepared, DIGITS_IDS, lifecycle.journal_dir(prepared)) == (1, 1)
     r0, r1 = read_records(prepared.paths.audit)
     hasher = IdHasher.of(prepared)
     assert r0["sample_id_hashes"] == sorted([hasher(a), hasher(b)])
@@ -200,4 +202,4 @@ def test_migrate_rewrites_unkeyed_records_it_can_match_and_keeps_them_forgotten(
     for sid in (a, b):
         with pytest.raises(RequestError, match="already forgotten"):
             plan_deletion([sid], prepared.paths.blocks, Forgotten.of(prepared))
-    assert migrate(prepared, DIGITS_IDS) == (0, 1)  # idempotent
+    assert migrate(prepared, DIGITS_IDS, lifecycle.journal_dir(prepared)) == (0, 1)

@@ -140,8 +140,8 @@ def test_stored_training_on_s3_matches_a_local_store_and_resumes(tmp_path, s3, m
 
 
 def test_a_deletion_refuses_an_s3_store_and_closes_its_request(tmp_path, s3):
+    from obliviate import lifecycle
     from obliviate.deletion import forget
-    from obliviate.transaction import State
 
     local_cfg = load_config(write_params(tmp_path, **SMALL))
     prepare(local_cfg)
@@ -150,7 +150,7 @@ def test_a_deletion_refuses_an_s3_store_and_closes_its_request(tmp_path, s3):
     sid = str(load_block(cfg.paths.blocks, 2).ids[0])
     with pytest.raises(StoreError, match=r"on object storage.*local store"):
         forget(cfg, [sid])
-    assert State.of(cfg).pending() == []  # refused, not left for recovery to retry
+    assert lifecycle.entries(cfg) == []  # refused, nothing queued or left for recovery
     assert np.array_equal(bits(ParamStore.open(cfg.paths.store).params[:]), bits(before))
     assert sid in set(load_block(cfg.paths.blocks, 2).ids)
 
@@ -216,7 +216,8 @@ def test_a_deletion_purges_an_s3_remote_and_an_unreachable_one_later(
     from conftest import GIT, dvc_workspace
 
     from obliviate.deletion import forget, recover
-    from obliviate.transaction import State, md5s_in_use
+    from obliviate.transaction import State
+    from obliviate.versioning import md5s_in_use
 
     cfg = dvc_workspace(trained)
     ws = cfg.root
@@ -256,7 +257,7 @@ def test_a_deletion_purges_an_s3_remote_and_an_unreachable_one_later(
     assert "up to date" in dvc("status")  # the local state is the new version
     dvc("remote", "modify", "s3", "endpointurl", s3.endpoint)
     with State.of(cfg).lock():
-        assert recover(cfg, refresh=False) == []  # nothing to finish but the pending purge
+        assert recover(cfg) == ([], [])  # nothing to finish but the pending purge
     assert not (cfg.paths.state / "remote_purge.json").exists()
     assert holders(bucket_objects(s3, "dvc/"), content2) == []
 

@@ -103,11 +103,11 @@ def test_a_scheduled_deployment_drains_requests_queued_while_everything_was_down
 
     # 1. the deployment registers with its cron schedule, then server and worker go down
     server, worker = up()
-    dep = wait_for(deployment, 120, "the drain-inbox deployment", logs)
+    dep = wait_for(deployment, 120, "the drain deployment", logs)
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == [CRON]
     stop(worker), stop(server)
 
-    # 2. requests arrive while nothing runs: they wait in the inbox, durable files
+    # 2. requests arrive while nothing runs: they wait in the journal, durable files
     ids = subprocess.run([*cli, "ids", "--block", "3"], cwd=workspace, env=env,
                          capture_output=True, text=True, check=True).stdout.split()[:2]  # fmt: skip
     rids = [
@@ -138,7 +138,7 @@ def test_a_scheduled_deployment_drains_requests_queued_while_everything_was_down
         assert runs
         keys = {a["key"] for a in api(url, "/artifacts/filter", {})}
         assert {
-            "drain-inbox",
+            "drain",
             "deletion",
             "deletion-delta",
             "deletion-delta-plot",
@@ -148,7 +148,7 @@ def test_a_scheduled_deployment_drains_requests_queued_while_everything_was_down
         stop(worker), stop(server)
     records = [json.loads(x) for x in (workspace / "audit" / "deletions.jsonl").open()]
     assert len(records) == 1 and len(records[0]["sample_id_hashes"]) == 2
-    # logs, the Prefect database (runs, parameters, logs, artifacts) and the inbox name
+    # logs, the Prefect database (runs, parameters, logs, artifacts) and the journal name
     # requests, never samples
     everything = b"".join(p.read_bytes() for p in workspace.rglob("*") if p.is_file()
                           and "data" not in p.parts and "models" not in p.parts)  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import dvc_project, dvc_workspace, write_params
 
-from obliviate import transaction
+from obliviate import transaction, versioning
 from obliviate.config import Config, load_config
 from obliviate.versioning import VersioningError, commit, lock_outs, repair_dvc_locks
 
@@ -155,7 +155,7 @@ def test_a_live_dvc_process_of_someone_else_is_not_overruled(project):
 def test_recovery_repairs_dvc_even_with_nothing_to_finish(project):
     cfg = project
     rwlock(cfg).write_bytes(b"")
-    assert transaction.recover(cfg, run_request=None) == []
+    assert transaction.recover(cfg) == []
     assert dvc(cfg, "status").returncode == 0
     assert repair_dvc_locks(cfg.root) == []  # nothing left to repair
 
@@ -218,29 +218,29 @@ def test_a_local_remote_loses_superseded_objects_and_a_broken_one_is_retried(
     assert remote_objects(remote) == {md5(V1), md5(V2)}
 
     # v2 is what dvc.lock points at now: only v1 goes
-    got = transaction.purge_remote(cfg, [md5(V1), md5(V2)])
+    got = versioning.purge_remote(cfg, [md5(V1), md5(V2)])
     assert got == {"remote_purge": "done", "purged_remote_objects": 1}
     assert remote_objects(remote) == {md5(V2)}
     assert "in sync" in dvc(cfg, "status", "-c").stdout
-    assert transaction.purge_remote(cfg, [md5(V1)])["purged_remote_objects"] == 0  # idempotent
+    assert versioning.purge_remote(cfg, [md5(V1)])["purged_remote_objects"] == 0  # idempotent
 
     # a remote that cannot be used: the purge stays pending, and recovery finishes it
     (remote / "files" / "md5" / md5(V1)[:2]).mkdir(exist_ok=True)
     (remote / "files" / "md5" / md5(V1)[:2] / md5(V1)[2:]).write_bytes(V1)  # pushed earlier
     assert dvc(cfg, "remote", "add", "-d", "-f", "backup", "ssh://127.0.0.1/x").returncode == 0
-    got = transaction.purge_remote(cfg, [md5(V1)])
+    got = versioning.purge_remote(cfg, [md5(V1)])
     assert got["remote_purge"] == "pending" and got["purged_remote_objects"] == 0
     assert got["remote_purge_error"].endswith("to retry.")
     pending = cfg.paths.state / "remote_purge.json"
     assert json.loads(pending.read_text()) == {"md5": [md5(V1)]}
     assert dvc(cfg, "remote", "add", "-d", "-f", "backup", str(remote)).returncode == 0
-    assert transaction.recover(cfg, run_request=None) == []
+    assert transaction.recover(cfg) == []
     assert not pending.exists() and remote_objects(remote) == {md5(V2)}
 
 
 def test_without_a_remote_the_purge_says_so(project):
     cfg = project
-    got = transaction.purge_remote(cfg, [md5(V1)])
+    got = versioning.purge_remote(cfg, [md5(V1)])
     assert got == {"remote_purge": "no remote", "purged_remote_objects": 0}
     assert not (cfg.paths.state / "remote_purge.json").exists()
 
@@ -251,20 +251,24 @@ def test_without_a_remote_the_purge_says_so(project):
 def test_recovery_after_a_kill_inside_dvc_finishes_the_deletion_and_purges(trained):
     """A deletion staged, then killed inside `dvc commit` (DVC's rwlock left empty): recovery
     repairs DVC, versions the new state and purges the old block from the cache."""
-    from obliviate.deletion import compute, recover
+    from obliviate import lifecycle
+    from obliviate.deletion import checks, compute, recover
     from obliviate.partition import load_block
 
     cfg = dvc_workspace(trained)
     sid = str(load_block(cfg.paths.blocks, 4).ids[0])
     old_block = (cfg.paths.blocks / "block_0004.npz").read_bytes()
-    cached = transaction.dvc_cache_dir(cfg.root) / md5(old_block)[:2] / md5(old_block)[2:]
+    cached = versioning.dvc_cache_dir(cfg.root) / md5(old_block)[:2] / md5(old_block)[2:]
     assert cached.is_file()
     state = transaction.State.of(cfg)
-    transaction.journal_request(state, "del-killed", [sid], force=False)
-    compute(cfg, "del-killed", [sid], force=False)  # staged: the commit point is passed
+    request = lifecycle.submit(cfg, [sid])
+    lifecycle.start(cfg, lifecycle.claim(cfg), "del-killed")
+    compute(cfg, "del-killed", {4: [sid]}, *checks(cfg))  # staged: the commit point is passed
+    lifecycle.commit(cfg, "del-killed")
     rwlock(cfg).write_bytes(b"")  # the kill inside dvc commit
     with state.lock():
-        assert recover(cfg, refresh=False) == ["del-killed"]
+        assert recover(cfg) == (["del-killed"], [lifecycle.get(cfg, request)])
+    assert lifecycle.get(cfg, request)["status"] == "done"
     assert not cached.exists()
     assert (cfg.paths.blocks / "block_0004.npz").read_bytes() != old_block
     status = dvc(cfg, "status")

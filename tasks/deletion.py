@@ -1,5 +1,5 @@
-"""Tasks of the forget flow (flows/drain.py). Parameters, logs and artifacts carry request ids,
-deletion ids and counts, never a sample id or sample content (Prefect keeps them in its
+"""Tasks of the deletion flows (flows/deletion.py). Parameters, logs and artifacts carry request
+ids, deletion ids and counts, never a sample id or sample content (Prefect keeps them in its
 database)."""
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from tasks import NO_CACHE
 
 @task(**NO_CACHE)
 def drain(cfg: Config, request: str | None, wait: float | None) -> deletion.Drained:
-    """Forget the queued requests (or only ``request``): recover, settle, claim, check, journal,
-    retrain with the residual-memory stop, stitch, judge, stage and apply (one transaction per
-    planned sweep: store, blocks, audit, DVC/git commit, cache purge), then refresh the metrics."""
+    """Forget the queued requests (or only ``request``): ``obliviate.deletion.drain``."""
     out = deletion.drain(cfg, request, wait=wait)
     log = get_run_logger()
     if out.recovered:
@@ -89,16 +87,16 @@ def publish(cfg: Config, record: dict) -> None:
 @task(**NO_CACHE)
 def summarize(cfg: Config, out: deletion.Drained) -> None:
     """The drain's summary table: one row per request it finished or refused."""
-    from obliviate import inbox
+    from obliviate import lifecycle
 
     rows = [
         {"request": e["request_id"], "status": e["status"], "samples": e["n_samples"],
          "deletion": e.get("deletion") or "", "reason": e.get("reason") or ""}
         for e in [*out.done, *out.refused]
     ]  # fmt: skip
-    left = inbox.counts(cfg)["queued"]
+    left = lifecycle.counts(cfg)["queued"]
     create_table_artifact(
-        rows or [{"request": "(inbox empty)"}],
-        key="drain-inbox",
+        rows or [{"request": "(no request queued)"}],
+        key="drain",
         description=f"drain summary; queued requests left: {left}",
     )

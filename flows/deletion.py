@@ -14,6 +14,7 @@ from prefect import flow
 
 from obliviate.config import load_config
 from obliviate.deletion import Drained
+from tasks import consolidation
 from tasks import deletion as t
 
 
@@ -39,4 +40,5 @@ def _drain(params: str, request: str | None, wait: float | None) -> Drained:
             t.report(cfg, r)
         t.publish(cfg, out.record)
     t.summarize(cfg, out)
+    out.consolidation_due = consolidation.start_if_due(cfg, params)  # after the requests
     return out

@@ -199,6 +199,9 @@ def info(
         table.add_row(k, str(v))
     table.add_row("stored / raw", f"{summary['stored_bytes'] / summary['raw_bytes']:.3f}")
     console.print(table)
+    from obliviate.consolidation import Exactness
+
+    console.print(Exactness.of(cfg, store).describe(cfg))
     lay = Table("tensor", "shape", "offset", "kind", title="layout of one row")
     for e in meta["layout"]:
         lay.add_row(e["name"], str(tuple(e["shape"])), str(e["offset"]), e["kind"])
@@ -283,6 +286,24 @@ def forget(
     record = forget_now(cfg, wanted, force, wait=wait, drain_with=lambda request, wait: (
         flows.deletion.forget_flow(str(params.resolve()), request, wait)))  # fmt: skip
     typer.echo(_deletion_lines(cfg, record, len(wanted), time.perf_counter() - start))
+    _consolidate_if_due(params, record["consolidation_due"])
+
+
+def _consolidate_if_due(params: Path, reason: str | None) -> None:
+    """After a forget or drain from the command line (its requests done): a refused stitch
+    committed under forget.on_refusal: consolidate is consolidated now, in this command; for
+    another trigger, say it is due (the scheduled deployments run it by themselves)."""
+    if reason is None:
+        return
+    if not reason.startswith("a refused stitch"):
+        typer.echo(f"consolidation due ({reason}): run `obliviate consolidate`, or let the "
+                   "scheduled deployment (`obliviate serve`) do it")  # fmt: skip
+        return
+    import flows.consolidation
+
+    typer.echo(f"consolidating now ({reason}) ...")
+    out = flows.consolidation.consolidate_flow(str(params.resolve()))
+    typer.echo(out["sentence"])
 
 
 def _deletion_lines(cfg, r: dict, n: int, seconds: float) -> str:
@@ -355,6 +376,15 @@ def retrain(
         f"  accuracy: naive {c['naive_accuracy']:.4f}, served {c['served_accuracy']:.4f}; "
         f"consistency(served, naive) {c['consistency']:.4f}"
     )
+    if c["served_sha256"] == c["naive_sha256"]:
+        typer.echo(f"  served P_B and naive P_B: byte-identical (sha256 {c['naive_sha256'][:16]})")
+    else:
+        typer.echo(
+            f"  served P_B and naive P_B differ (sha256 {c['served_sha256'][:16]} and "
+            f"{c['naive_sha256'][:16]}): the store is exact through row "
+            f"{c['served_exact_through']} of {c['blocks']}; `obliviate consolidate` makes it "
+            "the naive model"
+        )
     if c.get("last_deletion_s"):
         typer.echo(
             f"  last deletion: {c['last_deletion_s']:.2f} s from accepted to staged (retraining, "
@@ -422,6 +452,7 @@ def drain(wait: WaitOpt = 0, params: ParamsOpt = Path("params.yaml")) -> None:
     refreshed = "" if out.accuracy is None else f"; test accuracy {out.accuracy:.4f}"
     typer.echo(f"drained: {len(out.done)} request(s) done{deletion}{crashed}, "
                f"{len(out.refused)} refused{refreshed}")  # fmt: skip
+    _consolidate_if_due(params, out.consolidation_due)
 
 
 @app.command()
@@ -432,7 +463,7 @@ def serve(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Serve the drain deployment: a Prefect server runs it on a cron schedule."""
+    """Serve the drain and consolidate deployments: a Prefect server runs them on schedule."""
     from obliviate.config import five_field_cron
     from obliviate.errors import ObliviateError
 
@@ -452,12 +483,23 @@ def serve(
             "obliviate serve needs a Prefect server to schedule runs: start `prefect server "
             "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
-    typer.echo(f"serving deployment drain/{cfg.serve.deployment} on '{schedule}'")
-    flows.deletion.drain_flow.serve(  # limit 1: a slow drain is not overtaken by the next one
-        name=cfg.serve.deployment,
-        cron=schedule,
-        parameters={"params": str(params.resolve())},
-        limit=1,
+    from prefect import serve as serve_all
+
+    import flows.consolidation
+
+    name, path = cfg.serve.deployment, str(params.resolve())
+    typer.echo(f"serving deployments drain/{name} on '{schedule}' and consolidate/{name} on "
+               f"'{cfg.consolidate.cron}'")  # fmt: skip
+    serve_all(  # one run of each at a time: a slow drain is not overtaken by the next one
+        flows.deletion.drain_flow.to_deployment(
+            name=name, cron=schedule, parameters={"params": path}, concurrency_limit=1
+        ),
+        flows.consolidation.consolidate_flow.to_deployment(
+            name=name,
+            cron=cfg.consolidate.cron,
+            parameters={"params": path},
+            concurrency_limit=1,
+        ),
     )
 
 
@@ -480,7 +522,18 @@ def status(
                 f"no deletion request {shown_id(request_id)}; use the id that `obliviate "
                 "request` printed."
             )
-        typer.echo(lifecycle.describe(lifecycle.get(cfg, request_id)))
+        entry = lifecycle.get(cfg, request_id)
+        typer.echo(lifecycle.describe(entry))
+        if entry["status"] == "done" and str(entry.get("deletion", "")).startswith("del-"):
+            from obliviate.audit import read_records
+            from obliviate.consolidation import exact_at
+
+            since = exact_at(read_records(cfg.paths.audit))
+            parts = [r["request_id"] for r in read_records(cfg.paths.audit)
+                     if r["request_id"].startswith(entry["deletion"])]  # fmt: skip
+            when = [since.get(p) for p in parts]
+            typer.echo("  exact since " + max(when) if all(when)
+                       else "  approximate: exact at the next consolidation")  # fmt: skip
         return
     from rich.console import Console
     from rich.table import Table
@@ -522,6 +575,10 @@ def status(
     for e in waiting or requests[-1:]:  # what is pending, else the latest request
         console.print("  " + lifecycle.describe(e))
     console.print(lifecycle.describe_metrics(cfg))
+    from obliviate.consolidation import Exactness
+
+    with contextlib.suppress(StoreError):  # (a missing store is said above)
+        console.print("store: " + Exactness.of(cfg).describe(cfg))
 
 
 @app.command()
@@ -566,21 +623,86 @@ def audit(
         for r in records:
             typer.echo(json.dumps(r, sort_keys=True))
         return
-    table = Table(
-        "request", "finished", "samples", "blocks", "t", "stop", "accuracy", "model after"
-    )
+    from obliviate.consolidation import exact_at
+
+    exact = exact_at(records)
+    table = Table("deletion", "committed", "samples", "blocks", "t", "tier", "exact since",
+                  "accuracy", "model after")  # fmt: skip
     for r in records:
+        if r.get("kind") == "consolidation":
+            table.add_row(r["request_id"], r["finished_at"], "-",
+                          f"{r['first_block']}..{r['stop_block']}", "-", "consolidation",
+                          f"{len(r['exact_deletions'])} made exact", "-",
+                          r["model_after"][:12])  # fmt: skip
+            continue
+        tier = r.get("tier") or "approximate"
+        if tier == "approximate" and r.get("stitched_at") is not None:
+            tier = f"approximate: stitched at t={r['stitched_at']}"
         table.add_row(
             r["request_id"],
             r["finished_at"],
             str(len(r["sample_id_hashes"])),
             ",".join(map(str, r["blocks"])),
             str(r["t"]),
-            r["reason"],
+            tier,
+            exact.get(r["request_id"], "pending"),
             _accuracy(r),
             r["model_after"][:12],
         )
     Console().print(table if records else "no deletions yet")
+
+
+@app.command()
+@_user_errors
+def consolidate(
+    if_due: Annotated[
+        bool, typer.Option("--if-due", help="Only when a trigger in params.yaml fires.")
+    ] = False,
+    wait: WaitOpt = 0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Make every deletion exact: retrain from the first inexact row to B (P_B = naive)."""
+    _setup(params)
+    import flows.consolidation
+
+    out = flows.consolidation.consolidate_flow(str(params.resolve()), if_due, wait)
+    typer.echo(out["sentence"])
+
+
+@app.command()
+@_user_errors
+def replay(
+    every: Annotated[
+        bool, typer.Option("--all", help="Every exact row, from P_0: a naive retrain, compared.")
+    ] = False,
+    sample: Annotated[int, typer.Option(min=0, help="Spot-check this many random exact rows.")] = 0,
+    row: Annotated[list[int] | None, typer.Option(help="Replay this row (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the --sample draw.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The auditor's check: recompute stored rows and compare their bytes; exit 1 on any
+    difference, naming the row."""
+    from obliviate.config import load_config
+    from obliviate.errors import ObliviateError
+    from obliviate.replay import replay as run
+
+    if not (every or sample or row):
+        raise ObliviateError("choose what to replay: --all, --sample K or --row N.")
+    out = run(load_config(params), every=every, sample=sample, rows=row or [], seed=seed)
+    approximate = out.n_blocks - out.exact_through
+    tail = f"; rows {out.exact_through + 1}..{out.n_blocks} are approximate, not replayed" if (
+        approximate) else ""  # fmt: skip
+    chain = f"; {out.chain_rows} row(s) checked against the chain of {out.chain}" if (
+        out.chain) else ""  # fmt: skip
+    if out.passed:
+        rows = ", ".join(map(str, out.checked[:12])) + (" ..." if len(out.checked) > 12 else "")
+        typer.echo(f"replay: PASS: {len(out.checked)} row(s) replayed ({rows}), every one "
+                   f"byte-identical to the store{chain}{tail}")  # fmt: skip
+        return
+    k, why = out.differing[0]
+    typer.echo(f"replay: FAIL: row {k}: {why} ({len(out.differing)} row(s) differ of "
+               f"{len(out.checked)} replayed{chain}{tail})", err=True)  # fmt: skip
+    raise typer.Exit(1)
 
 
 @app.command()

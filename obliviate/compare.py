@@ -8,6 +8,7 @@ import time
 from obliviate.audit import read_records
 from obliviate.config import Config
 from obliviate.evaluate import test_predictions
+from obliviate.hashing import model_hash
 from obliviate.partition import load_samples
 from obliviate.store import ParamStore
 from obliviate.train import Trainer, stored_training
@@ -37,10 +38,17 @@ def compare_with_naive(cfg: Config) -> dict:
     served = ParamStore.open(cfg.paths.store)
     trainer = Trainer.from_config(cfg)
     y = load_samples(cfg.paths.test).y
-    p_naive = test_predictions(cfg, trainer, naive.read_params(naive.n_blocks))
-    p_served = test_predictions(cfg, trainer, served.read_params(served.n_blocks))
+    naive_theta, served_theta = (
+        naive.read_params(naive.n_blocks),
+        served.read_params(served.n_blocks),
+    )
+    p_naive = test_predictions(cfg, trainer, naive_theta)
+    p_served = test_predictions(cfg, trainer, served_theta)
     records = read_records(cfg.paths.audit)
     return {
+        "naive_sha256": model_hash(naive_theta),
+        "served_sha256": model_hash(served_theta),
+        "served_exact_through": served.exact_through,
         "blocks": naive.n_blocks,
         "naive_s": naive_s,
         "naive_accuracy": float((p_naive == y).mean()),

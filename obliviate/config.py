@@ -7,6 +7,7 @@ Relative paths in params.yaml are resolved against the folder that holds params.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -220,6 +221,9 @@ class ForgetConfig(_Section):
     # instead, up to the end of the store (which is naive retraining from block d)
     max_accuracy_drop: float | None = Field(ge=0, le=1)
     guard_confidence: float = Field(gt=0.5, lt=1)
+    # what a refused stitch does: extend (retrain further, the request waits) or consolidate
+    # (commit the stitched M' now, a consolidation makes it exact right after)
+    on_refusal: Literal["extend", "consolidate"] = "extend"
 
     @model_validator(mode="after")
     def _order(self) -> ForgetConfig:
@@ -237,8 +241,8 @@ def five_field_cron(expr: str) -> bool:
 
 
 class ServeConfig(_Section):
-    deployment: str = Field(min_length=1)  # the deployment's name (flow drain-inbox)
-    cron: str  # when the scheduled deployment drains the inbox
+    deployment: str = Field(min_length=1)  # the deployments' name (flows drain, consolidate)
+    cron: str  # when the scheduled deployment drains the queued requests
 
     @field_validator("cron")
     @classmethod
@@ -250,6 +254,63 @@ class ServeConfig(_Section):
         return v
 
 
+def parse_age(text: str) -> float:
+    """'36h', '90m', '2d', '45s' -> seconds; ValueError otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"'{text[:40]}' is not an age such as 24h, 90m or 2d") from None
+    if value <= 0:
+        raise ValueError(f"'{text[:40]}' must be longer than 0")
+    return value
+
+
+class ConsolidateConfig(_Section):
+    """When approximate deletions become exact (`obliviate consolidate`)."""
+
+    cron: str  # the scheduled deployment: consolidate whatever is approximate
+    max_age: str  # deadline: every deletion is exact at most this long after its commit
+    max_pending: PositiveInt | None  # trigger: this many approximate deletions pending
+    max_drift: float | None = Field(ge=0, le=1)  # trigger: validation accuracy this far down
+    rounds: PositiveInt  # catch-up rounds when deletions change blocks meanwhile
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if not five_field_cron(v):
+            raise ValueError(
+                "it is not a 5-field cron schedule with valid values, e.g. '0 3 * * *'"
+            )
+        return v
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, v: str) -> str:
+        parse_age(v)
+        return v
+
+    @property
+    def max_age_s(self) -> float:
+        return parse_age(self.max_age)
+
+    @model_validator(mode="after")
+    def _deadline_holds(self) -> ConsolidateConfig:
+        from croniter import croniter
+
+        runs = croniter(self.cron, 0)
+        times = [runs.get_next(float) for _ in range(62)]  # two months of daily runs
+        longest = max(b - a for a, b in itertools.pairwise(times))
+        if longest > self.max_age_s:
+            raise ValueError(
+                f"consolidate.cron runs up to {longest / 3600:g} h apart, longer than "
+                f"consolidate.max_age {self.max_age}, so a quiet spell could miss the deadline; "
+                "run it more often or raise max_age"
+            )
+        return self
+
+
 class Config(_Section):
     paths: PathsConfig
     prepare: PrepareConfig
@@ -257,6 +318,7 @@ class Config(_Section):
     evaluate: EvaluateConfig
     verify: VerifyConfig
     forget: ForgetConfig
+    consolidate: ConsolidateConfig
     report: ReportConfig
     serve: ServeConfig
     root: Path = Path(".")  # folder of params.yaml; not a params.yaml key

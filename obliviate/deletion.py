@@ -44,7 +44,7 @@ from obliviate.partition import block_entry, load_block, read_manifest
 from obliviate.plots import plot_deltas
 from obliviate.requests import plan_deletion
 from obliviate.stoprule import StopRule
-from obliviate.store import ParamStore
+from obliviate.store import ParamStore, frontier_after
 from obliviate.sweep import sweep
 from obliviate.train import Trainer
 from obliviate.verify import verify
@@ -59,7 +59,9 @@ class Drained:
     was left to forget); ``accuracy``: the served model's test accuracy if it refreshed the
     metrics; ``seconds``: wall time by phase (checks: recovery to the journal; deletion:
     retraining to the git commit and the purge; refresh: the metrics, versioned);
-    ``committed_unix``: when its requests were done."""
+    ``committed_unix``: when its deletion was applied and versioned; ``consolidation_due``:
+    the consolidation trigger that fired after it (the flows check it:
+    ``tasks.consolidation.start_if_due``)."""
 
     recovered: list[str] = field(default_factory=list)
     done: list[dict] = field(default_factory=list)
@@ -68,6 +70,7 @@ class Drained:
     accuracy: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     committed_unix: float | None = None
+    consolidation_due: str | None = None  # the trigger that fired after it (the flow's check)
 
 
 # --------------------------------------------------------------------------- the drain
@@ -111,16 +114,24 @@ def _drain(cfg: Config, only: str | None, refresh: bool) -> Drained:
     except ObliviateError as exc:  # its message may reach Prefect's database: no raw id
         ids = batch.ids if batch is not None else []
         raise type(exc)(redact(str(exc), ids, _existing_hasher(cfg))) from None
-    owed = lifecycle.refresh_owed(cfg)
-    if refresh and owed:
-        crashpoint("refresh_metrics")
-        refreshed = refresh_metrics(cfg, owed["after"], trainer)
-        lifecycle.refresh_paid(cfg, owed, refreshed.get("stale"))
-        out.accuracy = refreshed["accuracy"]
+    if refresh and lifecycle.refresh_owed(cfg):
+        out.accuracy = pay_refresh(cfg, trainer)
         if out.record is not None:
             out.record["test_accuracy_after"] = out.accuracy
         out.seconds["refresh"] = time.perf_counter() - clock
     return out
+
+
+def pay_refresh(cfg: Config, trainer: Trainer | None = None) -> float | None:
+    """Refresh the metrics the journal owes a refresh of (under the writer lock); returns the
+    served model's test accuracy, or None when the refresh failed (it stays owed, with why)."""
+    owed = lifecycle.refresh_owed(cfg)
+    if owed is None:
+        return None
+    crashpoint("refresh_metrics")
+    refreshed = refresh_metrics(cfg, owed["after"], trainer)
+    lifecycle.refresh_paid(cfg, owed, refreshed.get("stale"))
+    return refreshed["accuracy"]
 
 
 def checks(cfg: Config) -> tuple[ParamStore, Trainer]:
@@ -225,7 +236,8 @@ def compute(
     if training:
         judge = guard.judge if guard.enabled else None
         crashpoint("before_retrain")
-        result = sweep(trainer, store, training, stop_rule(cfg), judge, staging.put)
+        extend = cfg.forget.on_refusal == "extend"
+        result = sweep(trainer, store, training, stop_rule(cfg), judge, staging.put, extend)
         summary, served = result.summary(), result.served
         new_blocks = dict(result.new_blocks)
         rows = list(range(result.first, result.stop + 1))
@@ -243,6 +255,8 @@ def compute(
         file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rows)
     ]
     ids = [i for k in sorted(plan) for i in plan[k]]
+    retrained = range(rows[0], rows[-1] + 1) if rows else range(0)
+    exact = frontier_after(store.exact_through, retrained, store.exact_replay)
     record = {
         "request_id": txn_id,
         **IdHasher.of(cfg).hashes(ids),  # sample_id_hashes, keyed (see audit.py)
@@ -261,6 +275,15 @@ def compute(
         "blocks_before": {str(k): block_entry(manifest, k)["sha256"] for k in sorted(plan)},
         "val_accuracy_after": None if verdict is None else verdict.accuracy,
         "sweep_plan": sweep_plan,
+        # the tiers: exact (bit-identical to a naive retrain) or approximate until consolidated
+        "tier": "exact" if exact == store.n_blocks else "approximate",
+        "stitched_at": result.t if result is not None and result.shift is not None else None,
+        "exact_through": exact,
+        "made_exact": [a["deletion"] for a in store.approximate] if exact == store.n_blocks else [],
+        # forget.on_refusal: consolidate served a stitch the guard refused: consolidate now
+        "guard_refused_committed": bool(
+            result is not None and result.verdict is not None and not result.verdict.accepted
+        ),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "new_blocks": new_blocks,  # staged as files, not kept in the record
     }
@@ -282,8 +305,8 @@ def stop_rule(cfg: Config) -> StopRule:
 def expected_tail(cfg: Config) -> int:
     """Blocks a sweep is expected to retrain after its last affected block: the median over the
     last 20 deletions, or forget.min_blocks before there are any."""
-    tails = [r["stop_block"] - r["last_affected_block"] + 1
-             for r in read_records(cfg.paths.audit)[-20:] if r.get("stop_block")]  # fmt: skip
+    deletions = [r for r in read_records(cfg.paths.audit) if r.get("last_affected_block")]
+    tails = [r["stop_block"] - r["last_affected_block"] + 1 for r in deletions[-20:]]
     return int(np.median(tails)) if tails else cfg.forget.min_blocks
 
 
@@ -385,12 +408,13 @@ def forget(
     if entry["status"] == "refused":
         raise RequestError(entry["reason"])
     if out.record is not None and entry.get("deletion") == out.record["deletion"]:
-        return out.record
+        return {**out.record, "consolidation_due": out.consolidation_due}
     by = entry.get("deletion") or ""
     sweeps = [r for r in read_records(cfg.paths.audit) if r["request_id"].startswith(by)]
     if not by.startswith("del-") or not sweeps:
         raise RequestError("the samples were already forgotten by an earlier deletion.")
-    return {**sweeps[-1], "sweeps": sweeps, "deletion": by, "test_accuracy_after": out.accuracy}
+    return {**sweeps[-1], "sweeps": sweeps, "deletion": by, "test_accuracy_after": out.accuracy,
+            "consolidation_due": out.consolidation_due}  # fmt: skip
 
 
 def report(cfg: Config, record: dict) -> Path | None:

@@ -3,11 +3,14 @@ every batch (gradients summed with torch.distributed), and rank 0 alone writes t
 
     obliviate partition
     torchrun --nproc-per-node 2 -m obliviate.distributed --params params.yaml
+    torchrun --nproc-per-node 2 -m obliviate.distributed --params params.yaml --consolidate
 
 Backend gloo (training runs on the CPU). The store records the number of processes: a resume
 must use the same number, because replay is exact only for it. Deletions replay blocks in one
 process, so for a store trained by N > 1 processes the residual memory Delta also holds the
-difference between N-process and one-process arithmetic (tests/test_distributed.py measures it).
+difference between N-process and one-process arithmetic (tests/test_distributed.py measures it),
+and their rows are approximate: ``--consolidate`` retrains them with N processes again, which
+gives the bytes N-process stored training gives (the same number of processes, the same sums).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", "-p", type=Path, default=Path("params.yaml"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--consolidate", action="store_true",
+                        help="make every deletion exact (see `obliviate consolidate`)")  # fmt: skip
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
@@ -36,6 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     held = contextlib.ExitStack()
     try:
         cfg = load_config(args.params)
+        if args.consolidate:
+            from obliviate.consolidation import consolidate
+
+            done = consolidate(cfg)
+            if rank == 0:
+                r = done.record
+                print("every row is exact already" if r is None else
+                      f"consolidated blocks {r['first_block']}..{r['stop_block']} with "
+                      f"{dist.get_world_size()} processes: served model sha256 "
+                      f"{r['model_after'][:16]}")  # fmt: skip
+            return 0
         error = None
         if rank == 0:  # rank 0 writes the store, so it takes the writer lock deletions take
             try:

@@ -8,7 +8,9 @@ mean D and standard error se, and the guard refuses M' only when the one-sided u
 D + z * se (z for ``forget.guard_confidence``) is below -``forget.max_accuracy_drop``, that is,
 when it is confident that M' lost more than the allowed drop. Noise alone refuses with
 probability at most 1 - confidence. The reference is the original model, not the currently served
-one, so a long stream of deletions cannot drift down one allowed drop at a time.
+one, so a long stream of deletions cannot drift down one allowed drop at a time. After a
+consolidation the reference is the consolidated model (``consolidation``): the newest exact one,
+which is what a naive retrain without the deleted samples would serve.
 
 The same evaluation is M''s accuracy in the audit record: a deletion evaluates M' once.
 """
@@ -68,16 +70,26 @@ def validation_samples(cfg: Config) -> Samples | None:
     return val if len(val) else None
 
 
-def record_reference(cfg: Config, store, trainer) -> None:
-    """Keep the freshly trained model's validation predictions (by slot) in the store attrs."""
+def reference_of(cfg: Config, trainer, theta: np.ndarray) -> dict | None:
+    """The guard's yardstick for the model ``theta``: its predictions on the validation split,
+    by slot (-1 for a slot whose sample has left), and its accuracy there; None without one."""
     val = validation_samples(cfg)
-    if val is None or "reference" in store.meta:
-        return
-    pred = predict(trainer, store.read_params(store.n_blocks), val.x, cfg.evaluate.batch_size)
-    by_slot = np.full(int(val.slot.max()) + 1, -1, dtype=np.int64)
+    if val is None:
+        return None
+    pred = predict(trainer, theta, val.x, cfg.evaluate.batch_size)
+    slots = read_manifest(cfg.paths.blocks)["validation"]["slots"]
+    by_slot = np.full(max(slots, int(val.slot.max()) + 1), -1, dtype=np.int64)
     by_slot[val.slot] = pred
-    store.update_meta(reference={"val_predictions": by_slot.tolist(),
-                                 "val_accuracy": float((pred == val.y).mean())})  # fmt: skip
+    return {"val_predictions": by_slot.tolist(), "val_accuracy": float((pred == val.y).mean())}
+
+
+def record_reference(cfg: Config, store, trainer) -> None:
+    """Keep the freshly trained model's reference (``reference_of``) in the store attrs."""
+    if "reference" in store.meta:
+        return
+    reference = reference_of(cfg, trainer, store.read_params(store.n_blocks))
+    if reference is not None:
+        store.update_meta(reference=reference)
 
 
 class Guard:

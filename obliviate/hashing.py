@@ -20,3 +20,11 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 def model_hash(theta: np.ndarray) -> str:
     """sha256 of a parameter vector as little-endian float32: the bytes the store holds."""
     return hashlib.sha256(np.ascontiguousarray(theta, dtype="<f4").tobytes()).hexdigest()
+
+
+def row_hash(theta: np.ndarray, opt: np.ndarray | None) -> str:
+    """sha256 of a store row: P_k and its optimizer state, little-endian float32."""
+    h = hashlib.sha256(np.ascontiguousarray(theta, dtype="<f4").tobytes())
+    if opt is not None:
+        h.update(np.ascontiguousarray(opt, dtype="<f4").tobytes())
+    return h.hexdigest()

@@ -6,6 +6,12 @@
 
 ``params.attrs["obliviate"]`` holds the layout (name, shape, offset of every tensor), the
 fingerprint of the params that built the store and ``completed``: the last row written in full.
+
+Exactness: ``exact_through`` K says rows 0..K are bit-identical to stored training of the current
+blocks from P_0 (what a naive retrain writes); the rows after it are stitched (the last) or
+shifted, and ``approximate`` lists the deletions that left them so, until a consolidation
+(``obliviate.consolidation``) retrains rows K+1..B and K is B again. ``exactness`` says so in
+words for a reader without obliviate.
 Rows are written in order by a writer process (``store_writer.RowWriter``) and ``completed``
 moves after each write (zarr writes each file atomically), so an interrupted run resumes from row
 ``completed``.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,25 @@ from obliviate.errors import StoreError
 from obliviate.objectstore import Location, StoreURL, as_location, require_local, stored_bytes
 
 FORMAT = 2  # 2: crc32c on every chunk, empty chunks written
+EXACTNESS = (
+    "rows 0..exact_through are bit-identical to stored training of the current blocks from P_0; "
+    "the rows after it are stitched (the last) or shifted by the deletions listed in "
+    "'approximate', and become exact when a consolidation retrains them"
+)
+
+
+def frontier_after(exact_through: int, rows: range, exact_replay: bool) -> int:
+    """The exact prefix after a deletion that retrained ``rows`` from row rows.start - 1: those
+    rows are exact when that row was (and replay is exact: one process, the store's device
+    class), the rows after them are not (shifted, or stitched); a deletion of validation samples
+    alone (no rows) changes no training row."""
+    if not rows:
+        return exact_through
+    if exact_replay and rows.start - 1 <= exact_through:
+        return rows.stop - 1
+    return min(exact_through, rows.start - 1)
+
+
 MAX_CHUNK_ELEMS = 1 << 22  # 16 MiB of float32 per chunk; rows of larger models are split
 
 
@@ -120,6 +146,27 @@ class ParamStore:
     def n_blocks(self) -> int:
         return int(self.meta["n_blocks"])
 
+    @property
+    def exact_through(self) -> int:
+        """K: rows 0..K are exact. A store from before this was recorded: exact when no deletion
+        ever changed it, else only P_0 is known to be (a consolidation retrains from row 1)."""
+        meta = self.meta
+        if "exact_through" in meta:
+            return int(meta["exact_through"])
+        return self.n_blocks if "last_request" not in meta else 0
+
+    @property
+    def approximate(self) -> list[dict]:
+        """The deletions whose effect is stitched or shifted (approximate), oldest first:
+        ``{"deletion", "committed", "first_block", "stop_block"}``."""
+        return list(self.meta.get("approximate", []))
+
+    @property
+    def exact_replay(self) -> bool:
+        """Whether a deletion's retraining reproduces stored training bit for bit: a store
+        trained by several processes (torchrun) adds in another order than one process."""
+        return self.meta["extra"].get("parallel_size", 1) == 1
+
     def _set_completed(self, k: int) -> None:
         self.update_meta(completed=k)
 
@@ -200,6 +247,49 @@ class ParamStore:
         ``reference_drop``: validation slots that leave; the guard's reference predictions for
         them are dropped (-1) in the same metadata write.
         """
+        self._move_staged(staged)
+        meta = self.meta
+        if meta.get("last_request") == request_id:  # a redo: the shifts are installed already
+            return
+        shifts = self._compacted_shifts(meta.get("shifts", []), rows, shift, request_id)
+        exact = frontier_after(self.exact_through, rows, self.exact_replay)
+        approximate = [] if exact == self.n_blocks else self.approximate
+        if exact < self.n_blocks and rows:
+            entry = {"deletion": request_id, "committed": time.time(),
+                     "first_block": rows.start, "stop_block": rows.stop - 1}  # fmt: skip
+            approximate.append(entry)
+        changes = {"shifts": shifts, "fingerprint": fingerprint, "last_request": request_id,
+                   "exact_through": exact, "approximate": approximate,
+                   "exactness": EXACTNESS}  # fmt: skip
+        if reference_drop and "reference" in meta:
+            preds = list(meta["reference"]["val_predictions"])
+            for slot in reference_drop:
+                preds[slot] = -1
+            changes["reference"] = {**meta["reference"], "val_predictions": preds}
+        self.update_meta(**changes)
+
+    def install_consolidation(
+        self, txn_id: str, staged: Path, rows: range, reference: dict | None
+    ) -> None:
+        """Install a consolidation's staged rows (P_k and its optimizer state for k in ``rows``,
+        which run to B): every row is exact again, so the shifts go (their chunks too: a shift
+        is P'_k - P_k, and P_k was trained with the samples deleted since) and the approximate
+        deletions with them. ``reference``: the guard's yardstick from now on, the consolidated
+        model's validation predictions. Idempotent, so a crash can be redone."""
+        self._move_staged(staged)
+        if self.meta.get("last_request") == txn_id:  # a redo: the metadata is written already
+            return
+        changes = {"shifts": [], "last_request": txn_id, "exact_through": rows.stop - 1,
+                   "approximate": [], "exactness": EXACTNESS}  # fmt: skip
+        if reference is not None:
+            changes["reference"] = reference
+        self.update_meta(**changes)
+        if (self.path / "shifts").is_dir():  # unused from here on
+            shutil.rmtree(self.path / "shifts" / "c", ignore_errors=True)
+            self._shift_array(self.params.shape[1]).resize((0, self.params.shape[1]))
+
+    def _move_staged(self, staged: Path) -> None:
+        """Rename the chunk files of a staged Zarr group (laid out like this store) into it."""
         for name in ("params", "optimizer"):
             chunks = staged / name / "c"
             for src in sorted(chunks.rglob("*")) if chunks.is_dir() else []:
@@ -207,17 +297,6 @@ class ParamStore:
                     dest = self.path / name / src.relative_to(staged / name)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dest)
-        meta = self.meta
-        if meta.get("last_request") == request_id:  # a redo: the shifts are installed already
-            return
-        shifts = self._compacted_shifts(meta.get("shifts", []), rows, shift, request_id)
-        changes = {"shifts": shifts, "fingerprint": fingerprint, "last_request": request_id}
-        if reference_drop and "reference" in meta:
-            preds = list(meta["reference"]["val_predictions"])
-            for slot in reference_drop:
-                preds[slot] = -1
-            changes["reference"] = {**meta["reference"], "val_predictions": preds}
-        self.update_meta(**changes)
 
     def _compacted_shifts(
         self, shifts: list[dict], rows: range, shift, request_id: str
@@ -334,6 +413,8 @@ class ParamStore:
             "chunks": list(self.params.chunks),
             "compressors": [str(c) for c in self.params.compressors],
             "deletion_shifts": len(meta.get("shifts", [])),
+            "exact_through": self.exact_through,
+            "approximate_deletions": len(self.approximate),
         }
 
     # ------------------------------------------------------------------ sizes

@@ -82,6 +82,7 @@ def sweep(
     rule: StopRule,
     judge: Callable[[np.ndarray], StitchVerdict] | None = None,
     put: Callable[[int, np.ndarray, np.ndarray | None], None] = lambda k, theta, opt: None,
+    extend: bool = True,
 ) -> Sweep:
     """Retrain from the first affected block until the stop rule fires; stitch M'.
 
@@ -90,6 +91,8 @@ def sweep(
     row once. ``judge(M')``, the accuracy guard, may refuse a stop: retraining then goes on and
     the guard judges again 2, 4, 8, ... blocks later (so a long extension costs O(log)
     evaluations) until it accepts or the store ends (where M' is the retrained model itself).
+    With ``extend`` False (forget.on_refusal: consolidate) a refused stitch is served all the
+    same: the sweep stops, and its ``verdict`` says the guard refused it.
     """
     start = time.perf_counter()
     first, last, n_blocks = min(plan), max(plan), store.n_blocks
@@ -120,7 +123,9 @@ def sweep(
                 if k < next_check:  # after a refusal, judge again at doubling distances
                     continue
                 verdict = judge(stitch(final, theta, old_cur))
-                if not verdict.accepted:
+                if not verdict.accepted and not extend:
+                    rejections += 1  # served all the same: a consolidation follows
+                elif not verdict.accepted:
                     rejections += 1  # the stitched model lost too much: retrain further
                     next_check = k + 2**rejections
                     verdict = None

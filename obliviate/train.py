@@ -146,6 +146,16 @@ class Parallel:
         if error:
             raise StoreError(error)
 
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (one broadcast; a single process keeps its own)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

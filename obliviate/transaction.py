@@ -233,33 +233,38 @@ def drop_incomplete(state: State) -> None:
 
 
 def apply(cfg: Config, txn_id: str) -> dict:
-    """Install a staged deletion; safe to run again after a crash at any point."""
+    """Install a staged deletion or consolidation; safe to run again after a crash at any point."""
     state = State.of(cfg)
     folder = state.staging / txn_id
     txn = json.loads((folder / "txn.json").read_text())
     store = ParamStore.open(cfg.paths.store)
     rows = range(*txn["rows"]) if txn["rows"] else range(0)
-    shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
-    store.install_deletion(
-        txn_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
-        txn.get("reference_drop", []),
-    )  # fmt: skip
-    crashpoint("after_store")
-    for k in txn["blocks"]:
-        staged = folder / "blocks" / block_file(int(k))
-        if staged.is_file():
-            os.replace(staged, cfg.paths.blocks / block_file(int(k)))
-            crashpoint("after_block")
-    if (folder / INDEX).is_file():
-        os.replace(folder / INDEX, cfg.paths.blocks / INDEX)
-    write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
-    write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
+    if txn.get("kind") == "consolidation":
+        store.install_consolidation(txn_id, folder / "rows.zarr", rows, txn["reference"])
+        crashpoint("after_store")
+        changed, message = [cfg.paths.store], f"obliviate: consolidation {txn_id}"
+    else:
+        shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
+        store.install_deletion(
+            txn_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
+            txn.get("reference_drop", []),
+        )  # fmt: skip
+        crashpoint("after_store")
+        for k in txn["blocks"]:
+            staged = folder / "blocks" / block_file(int(k))
+            if staged.is_file():
+                os.replace(staged, cfg.paths.blocks / block_file(int(k)))
+                crashpoint("after_block")
+        if (folder / INDEX).is_file():
+            os.replace(folder / INDEX, cfg.paths.blocks / INDEX)
+        write_json_atomic(cfg.paths.blocks / MANIFEST, txn["manifest"])
+        write_json_atomic(cfg.paths.metrics / "forget_delta.json", {"delta": txn["delta_plot"]})
+        changed = [cfg.paths.blocks, cfg.paths.store]
+        message = f"obliviate: forget request {txn_id}"
     audit.append_record(cfg.paths.audit, txn["record"])
     crashpoint("after_audit")
     clock = time.perf_counter()
-    versioned = versioning.commit(
-        cfg, [cfg.paths.blocks, cfg.paths.store], f"obliviate: forget request {txn_id}"
-    )
+    versioned = versioning.commit(cfg, changed, message)
     versioning_s = time.perf_counter() - clock
     crashpoint("after_commit")
     purged = versioning.purge_cache(cfg.root, txn["superseded_md5"])

@@ -11,12 +11,17 @@ from obliviate.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A drain starts a consolidation in a process of its own when a trigger fires; the tests start
+# theirs themselves (tests/test_exact.py), so the automatic triggers are off. (The deadline,
+# consolidate.max_age, is a day and a half: no test lives that long.)
+MANUAL_CONSOLIDATION = {"max_pending": None, "max_drift": None}
 # The real config, shrunk: few blocks, one epoch, a tiny net still learns digits.
 SMALL = {
     "prepare": {"blocks": 6},
     "train": {"epochs": 1, "batch_size": 32},
     "forget": {"min_blocks": 2, "max_blocks": 6},
     "verify": {"owner_block": 3, "owner_samples": 40},
+    "consolidate": MANUAL_CONSOLIDATION,
 }
 # For deletions: enough blocks that the stop rule can stop before the end.
 FORGET = {
@@ -24,6 +29,7 @@ FORGET = {
     "train": {"epochs": 1, "batch_size": 32},
     "forget": {"min_blocks": 4, "max_blocks": 8, "epsilon": 0.05},
     "verify": {"owner_samples": 40},  # the count these tests were written for
+    "consolidate": MANUAL_CONSOLIDATION,
 }
 
 

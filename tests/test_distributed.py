@@ -71,3 +71,34 @@ def test_two_processes_match_one_within_tolerance_and_replay_exactly(tmp_path):
     assert blocked.returncode != 0 and "holds the writer lock" in blocked.stderr
     assert "--wait" not in blocked.stderr  # torchrun training has no --wait to suggest
     assert ParamStore.open(ddp.paths.store).completed == 3  # nothing written
+
+
+def test_a_consolidation_under_torchrun_gives_the_bytes_of_stored_training_with_as_many(
+    tmp_path,
+):
+    """A two-process store, a deletion (one process: its rows are approximate), then a
+    consolidation under torchrun with two processes: every row equals two-process stored
+    training on the reduced blocks, bit for bit. With one process it is refused."""
+    from obliviate.consolidation import ConsolidationError, consolidate
+    from obliviate.deletion import forget
+    from obliviate.partition import load_block
+
+    params = write_params(tmp_path, **SMALL_DDP, consolidate={"max_pending": None,
+                                                              "max_drift": None})  # fmt: skip
+    cfg = load_config(params)
+    prepare(cfg)
+    assert torchrun(params).returncode == 0
+    record = forget(cfg, [str(load_block(cfg.paths.blocks, 2).ids[0])])
+    assert record["tier"] == "approximate" and record["exact_through"] == 1  # not replayable
+    with pytest.raises(ConsolidationError, match="torchrun --nproc-per-node 2"):
+        consolidate(cfg)
+    run = torchrun(params, "--consolidate")
+    assert run.returncode == 0 and "with 2 processes" in run.stdout, run.stderr[-3000:]
+    consolidated = rows(cfg.paths.store)
+    assert ParamStore.open(cfg.paths.store).exact_through == 6
+    (tmp_path / "naive").mkdir()
+    naive = write_params(tmp_path / "naive", **SMALL_DDP, paths={
+        "blocks": str(cfg.paths.blocks), "test": str(cfg.paths.test),
+        "store": str(tmp_path / "naive.zarr")})  # fmt: skip
+    assert torchrun(naive).returncode == 0
+    assert np.array_equal(consolidated, rows(tmp_path / "naive.zarr"))

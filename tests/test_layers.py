@@ -22,9 +22,10 @@ METHOD = {"partition", "train", "store", "store_writer", "stoprule", "sweep", "g
           "trigger", "gate"}  # fmt: skip
 HELPERS = {"config", "data", "models", "device", "predict", "compat", "hashing", "errors",
            "objectstore", "requests", "faults", "validate"}  # fmt: skip
-OPERATIONS = {"lifecycle", "transaction", "versioning", "audit", "fsck", "deletion"}
+OPERATIONS = {"lifecycle", "transaction", "versioning", "audit", "fsck", "deletion",
+              "consolidation"}  # fmt: skip
 ENTRY = {"cli", "evaluate", "verify", "compare", "sisa", "report", "export", "plots", "progress",
-         "runtime", "distributed"}  # fmt: skip
+         "runtime", "distributed", "replay"}  # fmt: skip
 
 
 def imports(path: Path) -> set[str]:

@@ -1,0 +1,472 @@
+"""Consolidation: retrain the store from its first inexact row to B on the current blocks, so
+that every row is exact again and the served model P_B is the naive model, bit for bit.
+
+A deletion is committed in seconds with a stitched M' and shifted rows: it is *approximate*
+(``ParamStore.exact_through`` says how far the store is still exact). A consolidation makes
+every approximate deletion *exact*: it trains rows K+1..B from the exact row K, as stored
+training would on the blocks as they are now, and installs them.
+
+    <state>/consolidation/        the work under way, resumable: rows.zarr (laid out like the
+                                  store) and work.json (which rows, the blocks they trained on,
+                                  their hashes, the consolidated model's reference)
+    <state>/consolidation.lock    one consolidation at a time
+
+It computes without the writer lock, so deletions go on meanwhile. Each computed row k
+remembers the chain of the blocks 1..k it depends on (a running sha256 of their sha256s in the
+manifest). Under the writer lock it compares that chain with the manifest's: a deletion
+meanwhile rewrote a block, and every row from that block on is computed again, outside the lock,
+from the exact row before it (the live store's or its own), up to ``consolidate.rounds`` times.
+Once its rows all fit it stages them as one transaction (the commit point) and applies it the
+way a deletion is applied (``obliviate.transaction``): rows renamed in, shifts dropped, the
+guard's reference moved to the consolidated model, an audit record (the deletions made exact,
+every row's hash and the chain an auditor replays, ``obliviate.replay``), one DVC/git version,
+the superseded chunks purged. It never installs a row trained on a block that has changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from obliviate import lifecycle
+from obliviate import transaction as txn
+from obliviate.audit import read_records
+from obliviate.compat import require_usable
+from obliviate.config import Config
+from obliviate.errors import ObliviateError
+from obliviate.faults import crashpoint
+from obliviate.guard import reference_of
+from obliviate.hashing import file_digest, model_hash, row_hash
+from obliviate.partition import read_manifest
+from obliviate.store import ARRAY_CONFIG, ParamStore
+from obliviate.train import Trainer
+
+WORK = "consolidation"
+
+
+class ConsolidationError(ObliviateError):
+    """A consolidation cannot run now (another runs, or it could not catch up)."""
+
+
+# --------------------------------------------------------------------------- what is due
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """How far the store is exact, and what waits for a consolidation."""
+
+    exact_through: int
+    n_blocks: int
+    pending: list[dict]  # the approximate deletions, oldest first (ParamStore.approximate)
+    drift: float | None  # reference accuracy minus the served model's, on the validation split
+
+    @classmethod
+    def of(cls, cfg: Config, store: ParamStore | None = None) -> Exactness:
+        store = store or ParamStore.open(cfg.paths.store)
+        last = None
+        for r in read_records(cfg.paths.audit):
+            if r.get("kind") == "consolidation":
+                last = None
+            elif r.get("guard"):
+                last = r["guard"]
+        drift = None if last is None else last["reference_accuracy"] - last["accuracy"]
+        return cls(store.exact_through, store.n_blocks, store.approximate, drift)
+
+    @property
+    def exact(self) -> bool:
+        return self.exact_through == self.n_blocks
+
+    def oldest_age(self, now: float | None = None) -> float | None:
+        if not self.pending:
+            return None
+        return (now or time.time()) - self.pending[0]["committed"]
+
+    def describe(self, cfg: Config) -> str:
+        """One line for `obliviate status` and `info`."""
+        if self.exact:
+            return f"exact through row {self.n_blocks} of {self.n_blocks}: no deletion pending"
+        age = self.oldest_age()
+        late = age is not None and age > cfg.consolidate.max_age_s
+        oldest = "" if age is None else f", the oldest {age / 3600:.1f} h old"
+        deadline = f" (past consolidate.max_age {cfg.consolidate.max_age})" if late else ""
+        return (
+            f"exact through row {self.exact_through} of {self.n_blocks}; "
+            f"{len(self.pending)} approximate deletion(s) pending{oldest}{deadline}; run "
+            "`obliviate consolidate`"
+        )
+
+
+def due(cfg: Config, store: ParamStore | None = None) -> str | None:
+    """The trigger that makes a consolidation due now, as a sentence, or None: a refused
+    stitch committed under forget.on_refusal: consolidate, too many approximate deletions, the
+    served model drifted on the validation split, or the oldest approximate deletion halfway to
+    the deadline (consolidate.max_age: the other half is for the consolidation itself)."""
+    state = Exactness.of(cfg, store)
+    if state.exact:
+        return None
+    c = cfg.consolidate
+    records = read_records(cfg.paths.audit)
+    if records and records[-1].get("guard_refused_committed"):
+        return "a refused stitch was committed (forget.on_refusal: consolidate)"
+    if c.max_pending is not None and len(state.pending) >= c.max_pending:
+        return f"{len(state.pending)} approximate deletions pending (max_pending {c.max_pending})"
+    if c.max_drift is not None and state.drift is not None and state.drift >= c.max_drift:
+        return (
+            f"validation accuracy {state.drift:.4f} under the reference (max_drift {c.max_drift})"
+        )
+    age = state.oldest_age()
+    if age is not None and age >= c.max_age_s / 2:
+        return f"an approximate deletion is {age / 3600:.1f} h old (max_age {c.max_age})"
+    return None
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def chains(manifest: dict) -> list[str]:
+    """c_0 .. c_B: c_k hashes the sha256 of blocks 1..k, so row k depends on c_k alone."""
+    out, c = [], hashlib.sha256(b"obliviate blocks").hexdigest()
+    out.append(c)
+    for b in manifest["blocks"]:
+        c = hashlib.sha256((c + b["sha256"]).encode()).hexdigest()
+        out.append(c)
+    return out
+
+
+@dataclass
+class Work:
+    """The consolidation's work folder: rows computed so far (a Zarr group like the store's),
+    each with the block chain it was trained on and its hash."""
+
+    folder: Path
+    params: str  # the store's params fingerprint: work for other params is dropped
+    rows: dict[int, dict] = field(default_factory=dict)  # k -> {"chain", "hash"}
+    hashes: dict[int, dict] = field(default_factory=dict)  # live rows k <= K: {"chain", "hash"}
+    reference: dict | None = None  # the guard's reference for the work's P_B, by its hash
+
+    @classmethod
+    def open(cls, cfg: Config, store: ParamStore) -> Work:
+        folder = cfg.paths.state / WORK
+        params = store.meta["fingerprint"].split(":")[0]
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            state = json.loads((folder / "work.json").read_text())
+            if state["params"] == params and (folder / "rows.zarr").is_dir():
+                return cls(folder, params, {int(k): v for k, v in state["rows"].items()},
+                           {int(k): v for k, v in state["hashes"].items()},
+                           state.get("reference"))  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        store.staging_arrays(folder / "rows.zarr")
+        return cls(folder, params)
+
+    def arrays(self) -> dict:
+        import zarr
+
+        group = zarr.open_group(str(self.folder / "rows.zarr"), mode="r+")
+        return {name: arr.with_config(ARRAY_CONFIG) for name, arr in group.arrays()}
+
+    def save(self) -> None:
+        state = {"params": self.params, "rows": self.rows, "hashes": self.hashes,
+                 "reference": self.reference}  # fmt: skip
+        txn.write_json_atomic(self.folder / "work.json", state)
+
+    def valid_through(self, chain: list[str]) -> int | None:
+        """The last row of the contiguous run of computed rows whose blocks are unchanged."""
+        last = None
+        for k in sorted(self.rows):
+            if self.rows[k]["chain"] != chain[k] or (last is not None and k != last + 1):
+                break
+            last = k
+        return last
+
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        arrays = self.arrays()
+        opt = arrays["optimizer"][k] if "optimizer" in arrays else None
+        return arrays["params"][k], opt
+
+    def drop(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(cfg: Config) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    cfg.paths.state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cfg.paths.state / "consolidation.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConsolidationError(
+            "another consolidation of this workspace is running; wait for it to finish (it "
+            "makes every deletion exact that this one would)."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- consolidate
+
+
+@dataclass
+class Consolidated:
+    """What one consolidation did: its audit record (None when every row was exact already),
+    the catch-up rounds it needed and the seconds by phase."""
+
+    record: dict | None
+    rounds: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def consolidate(cfg: Config, trainer: Trainer | None = None, wait: float | None = None):
+    """Make every row of the store exact (see the module docstring). ``wait``: seconds to wait
+    for the writer lock each time it is needed (None: as long as it takes).
+
+    Under torchrun every rank trains (the store's own number of processes: replay is exact for
+    that number only); rank 0 alone plans, writes the work and installs it."""
+    trainer = trainer or Trainer.from_config(cfg)
+    par = trainer.parallel
+    with _one_at_a_time(cfg) if par.rank == 0 else contextlib.nullcontext():
+        out, clock, work = Consolidated(None), time.perf_counter(), None
+        for attempt in itertools.count():  # 0: the first computation; then the catch-ups
+            step = None
+            if par.rank == 0:
+                try:
+                    step, work = _step(cfg, trainer, out, attempt, wait, clock)
+                except ObliviateError as exc:
+                    step = {"do": "error", "why": str(exc), "kind": type(exc).__name__}
+            step = par.share(step)  # rank 0's decision, on every rank
+            if step["do"] == "error":
+                raise ConsolidationError(step["why"])
+            if step["do"] == "return":
+                return out
+            _compute(cfg, trainer, work, step)
+
+
+def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
+    """Rank 0, under the writer lock: what to do next (install, compute from a row, stop)."""
+    with txn.State.of(cfg).lock(wait):
+        txn.recover(cfg)  # a crash left a transaction staged: the store must be whole
+        store = ParamStore.open(cfg.paths.store)
+        require_usable(cfg, store, trainer)
+        size = store.meta["extra"].get("parallel_size", 1)
+        if size != trainer.parallel.size:
+            raise ConsolidationError(
+                f"{store.path} was trained by {size} process(es) and replay is exact only with "
+                f"as many; consolidate with `torchrun --nproc-per-node {size} -m "
+                "obliviate.distributed --consolidate`."
+            )
+        work = Work.open(cfg, store)
+        chain = chains(read_manifest(cfg.paths.blocks))
+        start, base = _plan(store, work, chain)
+        if start is None:  # every row exact already
+            work.drop()
+            return {"do": "return"}, work
+        if start > store.n_blocks:
+            out.rounds = max(0, attempt - 1)
+            out.seconds["compute"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            out.record = _install(cfg, store, work, chain, out)
+            out.seconds["install"] = time.perf_counter() - clock
+            return {"do": "return"}, work
+        if attempt > cfg.consolidate.rounds:
+            raise ConsolidationError(
+                f"deletions kept changing blocks before row {start} through "
+                f"{cfg.consolidate.rounds} catch-up rounds; its work is kept: run `obliviate "
+                "consolidate` again when the requests have settled (or raise "
+                "consolidate.rounds)."
+            )
+    step = {"do": "compute", "start": start, "base": base, "chain": chain, "n": store.n_blocks}
+    return step, work
+
+
+def _plan(store: ParamStore, work: Work, chain: list[str]):
+    """(the first row to compute, the exact row before it as (P, optimizer state)); (None,
+    None) when the store is exact; start B+1 when the work holds every row K+1..B, fitting."""
+    n, k_live = store.n_blocks, store.exact_through
+    if k_live == n:
+        return None, None
+    valid = work.valid_through(chain)
+    if valid is not None and valid >= k_live and min(work.rows) <= k_live + 1:
+        return (n + 1, None) if valid == n else (valid + 1, work.read(valid))
+    # restart from the live store's exact row: what the work holds beyond it no longer fits
+    arrays = work.arrays()
+    work.rows = {}
+    theta, opt = store.read(k_live)
+    arrays["params"][k_live] = theta
+    if opt is not None:
+        arrays["optimizer"][k_live] = opt
+    work.rows[k_live] = {"chain": chain[k_live], "hash": row_hash(theta, opt)}
+    work.save()
+    return k_live + 1, (theta, opt)
+
+
+def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
+    """Rows start..B from the base row (start - 1) on the blocks as they are, into the work
+    (rank 0's; None on the other ranks, which only train); then the hashes of the live exact
+    rows and the consolidated model's reference."""
+    (theta, opt), chain, n = step["base"], step["chain"], step["n"]
+    arrays = None if work is None else work.arrays()
+    for k in range(step["start"], n + 1):
+        theta, opt = trainer.run_block(k, theta, opt)
+        theta, opt = theta.numpy(), None if opt is None else opt.numpy()
+        crashpoint("during_consolidation")
+        if work is None:
+            continue
+        arrays["params"][k] = theta
+        if opt is not None:
+            arrays["optimizer"][k] = opt
+        work.rows[k] = {"chain": chain[k], "hash": row_hash(theta, opt)}
+        if k % 16 == 0 or k == n:
+            work.save()
+    if work is None:
+        return
+    store = ParamStore.open(cfg.paths.store)
+    for k in range(min(work.rows)):  # the live rows before the work's: exact, hashed once
+        if work.hashes.get(k, {}).get("chain") != chain[k]:
+            work.hashes[k] = {"chain": chain[k], "hash": row_hash(*store.read(k))}
+    served = work.rows[n]["hash"]
+    if (work.reference or {}).get("row_hash") != served:
+        ref = reference_of(cfg, trainer, work.read(n)[0])
+        work.reference = None if ref is None else {**ref, "row_hash": served}
+    work.save()
+
+
+def _install(cfg: Config, store: ParamStore, work: Work, chain: list[str], out) -> dict:
+    """Under the writer lock, with every work row fitting: stage the rows K+1..B as one
+    transaction (the commit point), then apply it."""
+    n, k_live = store.n_blocks, store.exact_through
+    txn_id = f"con-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    state = txn.State.of(cfg)
+    after = work.read(n)[0]
+    tmp = state.staging / f".tmp-{txn_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.move(str(work.folder / "rows.zarr"), tmp / "rows.zarr")
+    for name in ("params", "optimizer"):  # only rows K+1..B are installed
+        for k in range(min(work.rows), k_live + 1):
+            shutil.rmtree(tmp / "rows.zarr" / name / "c" / str(k), ignore_errors=True)
+    hashes = [(work.hashes.get(k) or work.rows[k])["hash"] for k in range(n + 1)]
+    manifest = read_manifest(cfg.paths.blocks)
+    blocks = [b["sha256"] for b in manifest["blocks"]]
+    before = store.read_params(n)
+    superseded = store.files_for_rows(list(range(k_live + 1, n + 1)))
+    superseded += sorted(p for p in (store.path / "shifts").rglob("*") if p.is_file())
+    record = {
+        "request_id": txn_id,
+        "kind": "consolidation",
+        "sample_id_hashes": [],
+        "first_block": k_live + 1,
+        "stop_block": n,
+        "retrained_blocks": n - k_live,
+        "exact_deletions": [a["deletion"] for a in store.approximate],
+        "model_before": model_hash(before),
+        "model_after": model_hash(after),
+        "chain": {"rows": hashes, "blocks": blocks, "head": chain_head(hashes, blocks)},
+        "rounds": out.rounds,
+        "timings_s": {"compute": out.seconds.get("compute", 0.0)},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    reference = None
+    if work.reference is not None:
+        reference = _present_slots(cfg, {k: v for k, v in work.reference.items()
+                                         if k != "row_hash"})  # fmt: skip
+    staged = {
+        "request_id": txn_id,
+        "kind": "consolidation",
+        "rows": [k_live + 1, n + 1],
+        "reference": reference,
+        "record": record,
+        "superseded_md5": [file_digest(f, "md5") for f in superseded],
+    }
+    txn.write_json_atomic(tmp / "txn.json", staged)
+    lifecycle.owe_refresh(cfg, txn_id)  # the served model changes: its metrics are owed
+    crashpoint("before_consolidation_commit")
+    os.replace(tmp, state.staging / txn_id)  # <- commit point
+    work.drop()
+    return txn.apply(cfg, txn_id)
+
+
+def chain_head(row_hashes: list[str], block_hashes: list[str]) -> str:
+    """One hash over P_0, block 1, P_1, block 2, ..., P_B: changing any row or block changes it."""
+    h = hashlib.sha256(row_hashes[0].encode())
+    for block, row in zip(block_hashes, row_hashes[1:], strict=True):
+        h.update(block.encode())
+        h.update(row.encode())
+    return h.hexdigest()
+
+
+def _present_slots(cfg: Config, reference: dict) -> dict:
+    """The reference with the predictions of validation samples deleted meanwhile dropped."""
+    from obliviate.partition import load_block
+
+    if "validation" not in read_manifest(cfg.paths.blocks):
+        return reference
+    present = set(load_block(cfg.paths.blocks, 0).slot.tolist())
+    preds = [p if i in present else -1 for i, p in enumerate(reference["val_predictions"])]
+    return {**reference, "val_predictions": preds}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run(cfg: Config, if_due: bool = False, wait: float | None = None) -> dict:
+    """`obliviate consolidate`: consolidate now (or, ``if_due``, only when a trigger fires),
+    then pay the metric refresh it owes. Returns what happened, with a sentence."""
+    from obliviate.deletion import pay_refresh
+
+    state = Exactness.of(cfg)
+    if state.exact:
+        return {"record": None, "sentence": "consolidate: every row is exact already"}
+    reason = due(cfg)
+    if if_due and reason is None:
+        return {"record": None, "sentence": f"consolidate: not due; {state.describe(cfg)}"}
+    out = consolidate(cfg, wait=wait)
+    if out.record is None:
+        return {"record": None, "sentence": "consolidate: every row is exact already"}
+    with txn.State.of(cfg).lock(wait):
+        accuracy = pay_refresh(cfg)
+    r = out.record
+    tested = "" if accuracy is None else f"; test accuracy {accuracy:.4f}"
+    why = "" if reason is None else f" ({reason})"
+    return {
+        "record": r,
+        "rounds": out.rounds,
+        "seconds": out.seconds,
+        "accuracy": accuracy,
+        "sentence": (
+            f"consolidated{why}: retrained blocks {r['first_block']}..{r['stop_block']} in "
+            f"{sum(out.seconds.values()):.1f} s; {len(r['exact_deletions'])} deletion(s) now "
+            f"exact; served model sha256 {r['model_after'][:12]}{tested}"
+        ),
+    }
+
+
+def exact_at(records: list[dict]) -> dict[str, str]:
+    """Deletion id -> when (and by what) it became exact: by itself (it retrained to the end
+    from an exact row), by a later deletion that did, or by a consolidation. A deletion not in
+    the map is still approximate."""
+    out: dict[str, str] = {}
+    for i, r in enumerate(records):
+        makes_exact = r.get("kind") == "consolidation" or r.get("tier") == "exact"
+        if not makes_exact:
+            continue
+        by = "itself" if r.get("kind") != "consolidation" else r["request_id"]
+        for earlier in records[: i + 1]:
+            if earlier.get("kind") != "consolidation" and earlier["request_id"] not in out:
+                who = "itself" if earlier is r else by if by != "itself" else r["request_id"]
+                out[earlier["request_id"]] = f"{r['finished_at']} ({who})"
+    return out

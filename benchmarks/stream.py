@@ -92,6 +92,11 @@ def main() -> None:
                         help="measure nothing: write the stream tables from an earlier run's "
                         "JSON (stamped with the command and commit that measured it)")  # fmt: skip
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' table")
+    parser.add_argument("--exact", action="store_true",
+                        help="the stream with consolidation: refusal policies, triggers and "
+                        "intervals, each ending exact (benchmarks/exact_stream.py)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="with --exact: run only these variants (its JSON only)")  # fmt: skip
     args = parser.parse_args()
     if args.curve_from:
         return write_curve(args.curve_from, args.no_docs)
@@ -104,6 +109,7 @@ def main() -> None:
     suffix = "" if bound else f"-drop{args.max_accuracy_drop:g}"
     suffix += (f"-seed{args.seed}" if args.seed else "") + (
         f"-n{args.requests}" if args.requests != REQUESTS else "")  # fmt: skip
+    suffix += "-exact" if args.exact else ""
     args.out = args.out.resolve()  # PREFECT_HOME and DVC's paths need it absolute
     folder = args.out / f"stream-{args.case}{suffix}"
     case_cfg = workspace(args.case, folder, args.max_accuracy_drop)
@@ -131,6 +137,12 @@ def main() -> None:
     trained = np.flatnonzero(index.block > 0)
     rng = np.random.default_rng(args.seed)
     picks = [str(index.ids[i]) for i in rng.choice(trained, args.requests, replace=False)]
+    if args.exact:
+        import exact_stream
+
+        t0 = time.perf_counter()
+        stored_training(naive_config(cfg), overwrite=True)  # the exact store retrained: naive
+        return exact_stream.main(args, folder, cfg, picks, time.perf_counter() - t0)
     test = load_samples(cfg.paths.test)
     trainer = Trainer.from_config(cfg)
     original = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)

@@ -116,8 +116,10 @@ def due(cfg: Config, store: ParamStore | None = None) -> str | None:
     if state.exact:
         return None
     c = cfg.consolidate
-    records = read_records(cfg.paths.audit)
-    if records and records[-1].get("guard_refused_committed"):
+    since = []  # the records since the last consolidation
+    for r in read_records(cfg.paths.audit):
+        since = [] if r.get("kind") == "consolidation" else [*since, r]
+    if any(r.get("guard_refused_committed") for r in since):
         return "a refused stitch was committed (forget.on_refusal: consolidate)"
     if c.max_pending is not None and len(state.pending) >= c.max_pending:
         return f"{len(state.pending)} approximate deletions pending (max_pending {c.max_pending})"

@@ -14,12 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: install                 ## digits end to end: train, forget the backdoored owner, compare, verify
+demo: install                 ## digits end to end: train, forget the owner, consolidate, replay, compare, verify
 	dvc repro
 	obliviate info
 	@owner="$$(obliviate ids --owner)"; \
 	  if [ -n "$$owner" ]; then obliviate forget $$owner; \
 	  else echo "the owner's samples are already forgotten"; fi
+	obliviate consolidate
+	obliviate replay --sample 5
 	obliviate retrain --naive
 	obliviate verify
 

@@ -45,7 +45,7 @@ from obliviate.audit import read_records
 from obliviate.compat import require_usable
 from obliviate.config import Config
 from obliviate.errors import ObliviateError
-from obliviate.faults import crashpoint
+from obliviate.faults import arm_kill_timer, crashpoint
 from obliviate.guard import reference_of
 from obliviate.hashing import file_digest, model_hash, row_hash
 from obliviate.partition import read_manifest
@@ -241,6 +241,7 @@ def consolidate(cfg: Config, trainer: Trainer | None = None, wait: float | None 
     that number only); rank 0 alone plans, writes the work and installs it."""
     trainer = trainer or Trainer.from_config(cfg)
     par = trainer.parallel
+    arm_kill_timer()  # the random-kill test's timed SIGKILL; nothing unless it is set
     with _one_at_a_time(cfg) if par.rank == 0 else contextlib.nullcontext():
         out, clock, work = Consolidated(None), time.perf_counter(), None
         for attempt in itertools.count():  # 0: the first computation; then the catch-ups
@@ -427,20 +428,21 @@ def _present_slots(cfg: Config, reference: dict) -> dict:
 
 def run(cfg: Config, if_due: bool = False, wait: float | None = None) -> dict:
     """`obliviate consolidate`: consolidate now (or, ``if_due``, only when a trigger fires),
-    then pay the metric refresh it owes. Returns what happened, with a sentence."""
+    then pay the metric refresh owed (its own, or one a crash left owed). Returns what
+    happened, with a sentence."""
     from obliviate.deletion import pay_refresh
 
     state = Exactness.of(cfg)
-    if state.exact:
-        return {"record": None, "sentence": "consolidate: every row is exact already"}
     reason = due(cfg)
-    if if_due and reason is None:
-        return {"record": None, "sentence": f"consolidate: not due; {state.describe(cfg)}"}
-    out = consolidate(cfg, wait=wait)
-    if out.record is None:
-        return {"record": None, "sentence": "consolidate: every row is exact already"}
+    out = None
+    if not state.exact and not (if_due and reason is None):
+        out = consolidate(cfg, wait=wait)
     with txn.State.of(cfg).lock(wait):
         accuracy = pay_refresh(cfg)
+    if out is None or out.record is None:
+        said = "every row is exact already" if out is not None or state.exact else (
+            f"not due; {state.describe(cfg)}")  # fmt: skip
+        return {"record": None, "accuracy": accuracy, "sentence": f"consolidate: {said}"}
     r = out.record
     tested = "" if accuracy is None else f"; test accuracy {accuracy:.4f}"
     why = "" if reason is None else f" ({reason})"

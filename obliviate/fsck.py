@@ -115,7 +115,30 @@ def check(cfg: Config) -> list[str]:
     _check_audit(cfg, manifest, problems)
     _check_journal(cfg, problems)
     _check_key(cfg, problems)
+    _check_deadline(cfg, problems)
     return problems
+
+
+def _check_deadline(cfg: Config, problems: list[str]) -> None:
+    """A deletion still approximate past consolidate.max_age missed its deadline."""
+    import time
+
+    from obliviate.objectstore import is_url
+    from obliviate.store import ParamStore
+
+    if is_url(str(cfg.paths.store)) or not (cfg.paths.store / "zarr.json").is_file():
+        return
+    try:
+        pending = ParamStore.open(cfg.paths.store).approximate
+    except ObliviateError:
+        return  # said by the store's own checks
+    late = [a for a in pending if time.time() - a["committed"] > cfg.consolidate.max_age_s]
+    if late:
+        problems.append(
+            f"deletion {late[0]['deletion']} has been approximate for "
+            f"{(time.time() - late[0]['committed']) / 3600:.1f} h, past consolidate.max_age "
+            f"{cfg.consolidate.max_age} ({len(late)} such); run `obliviate consolidate`."
+        )
 
 
 def _guard(problems: list[str], fn, *args):

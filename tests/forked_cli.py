@@ -30,7 +30,8 @@ import traceback
 # the writer lock): the CLI, the flow, torch's compiler stack (use_deterministic_algorithms), the
 # stop rule's nolds with scikit-learn, scipy and pandas, DVC with its git layer, matplotlib (the
 # Delta plot), Prefect's engines.
-WARM = ["obliviate.cli", "obliviate.deletion", "obliviate.compare", "obliviate.validate",
+WARM = ["obliviate.cli", "obliviate.deletion", "obliviate.consolidation", "obliviate.compare",
+        "obliviate.validate", "flows.consolidation",
         "flows.deletion", "flows.pipeline", "torch._inductor", "nolds", "sklearn.linear_model",
         "sklearn.model_selection", "scipy.stats", "pandas", "dvc.cli", "dvc.repo", "dvc.lock",
         "dvc.rwlock", "dvc.scm", "dvc.cachemgr", "dvc.data_cloud", "scmrepo.git", "dulwich.repo",
@@ -39,7 +40,7 @@ WARM = ["obliviate.cli", "obliviate.deletion", "obliviate.compare", "obliviate.v
 
 def trace(path: str) -> None:
     """Append each crash point passed, the lock and the unlock to ``path`` (this child only)."""
-    from obliviate import deletion, faults, sweep, transaction, versioning
+    from obliviate import consolidation, deletion, faults, sweep, transaction, versioning
 
     t0 = time.monotonic()
     passed = faults.crashpoint
@@ -52,13 +53,23 @@ def trace(path: str) -> None:
         note(name)
         passed(name)
 
-    for module in (deletion, sweep, transaction, versioning):
+    for module in (deletion, sweep, transaction, versioning, consolidation):
         module.crashpoint = crashpoint
     arm, drain = deletion.arm_kill_timer, deletion.drain
 
-    def arm_kill_timer() -> None:
+    def arm_kill_timer() -> None:  # a drain: under the writer lock; a consolidation: at start
         note("lock")
         arm()
+
+    consolidation.arm_kill_timer = arm_kill_timer
+    consolidate = consolidation.consolidate
+
+    def traced_consolidate(*args, **kwargs):
+        out = consolidate(*args, **kwargs)
+        note("unlock")
+        return out
+
+    consolidation.consolidate = traced_consolidate
 
     def traced_drain(*args, **kwargs):
         out = drain(*args, **kwargs)

@@ -305,7 +305,9 @@ def _plan(store: ParamStore, work: Work, chain: list[str]):
     valid = work.valid_through(chain)
     if valid is not None and valid >= k_live and min(work.rows) <= k_live + 1:
         return (n + 1, None) if valid == n else (valid + 1, work.read(valid))
-    # restart from the live store's exact row: what the work holds beyond it no longer fits
+    # restart from the live store's exact row: what the work holds no longer fits
+    shutil.rmtree(work.folder / "rows.zarr")
+    store.staging_arrays(work.folder / "rows.zarr")
     arrays = work.arrays()
     work.rows = {}
     theta, opt = store.read(k_live)
@@ -359,9 +361,12 @@ def _install(cfg: Config, store: ParamStore, work: Work, chain: list[str], out) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.move(str(work.folder / "rows.zarr"), tmp / "rows.zarr")
+    installed = {str(k) for k in range(k_live + 1, n + 1)}
     for name in ("params", "optimizer"):  # only rows K+1..B are installed
-        for k in range(min(work.rows), k_live + 1):
-            shutil.rmtree(tmp / "rows.zarr" / name / "c" / str(k), ignore_errors=True)
+        chunks = tmp / "rows.zarr" / name / "c"
+        for row in list(chunks.iterdir()) if chunks.is_dir() else []:
+            if row.name not in installed:
+                shutil.rmtree(row)
     hashes = [(work.hashes.get(k) or work.rows[k])["hash"] for k in range(n + 1)]
     manifest = read_manifest(cfg.paths.blocks)
     blocks = [b["sha256"] for b in manifest["blocks"]]

@@ -227,3 +227,28 @@ def test_recovery_applies_a_staged_consolidation_after_a_kill(cfg, monkeypatch):
     assert out.recovered[0].startswith("con-")
     assert ParamStore.open(cfg.paths.store).exact_through == 12
     assert rows(cfg.paths.store) == naive_rows(cfg)
+
+
+def test_a_deletion_that_moves_the_exact_row_past_the_works_start_leaves_no_stale_row(
+    cfg, monkeypatch
+):
+    """While a consolidation computes from row K, a deletion at block K retrains past K: the
+    store is exact further than the work's start now, and the work's rows from K on were
+    trained on the old block. The consolidation starts again from the live exact row and
+    installs none of its old rows: the result is the naive retrain's."""
+    forget(cfg, ids(cfg, 3))
+    k = ParamStore.open(cfg.paths.store).exact_through
+    assert k < 10
+    real = consolidation._compute
+    meanwhile = []
+
+    def compute_then_delete(*args, **kwargs):
+        real(*args, **kwargs)
+        if not meanwhile:
+            meanwhile.append(forget(cfg, ids(cfg, k)))
+            assert meanwhile[0]["exact_through"] > k  # the live store is exact past the work
+
+    monkeypatch.setattr(consolidation, "_compute", compute_then_delete)
+    out = consolidation.consolidate(cfg)
+    assert out.rounds == 1 and out.record["first_block"] == meanwhile[0]["exact_through"] + 1
+    assert rows(cfg.paths.store) == naive_rows(cfg)

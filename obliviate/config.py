@@ -305,8 +305,8 @@ class ConsolidateConfig(_Section):
         if longest > self.max_age_s:
             raise ValueError(
                 f"consolidate.cron runs up to {longest / 3600:g} h apart, longer than "
-                f"consolidate.max_age {self.max_age}, so a quiet spell could miss the deadline; "
-                "run it more often or raise max_age"
+                f"consolidate.max_age {self.max_age}, so a quiet spell could miss the deadline "
+                "(schedule it at least that often, or raise max_age)"
             )
         return self
 

@@ -360,6 +360,26 @@ CASES = {
     "unknown key": Case(("info",), "unknown key 'train.epochz'", params(train={"epochz": 1})),
     "typo'd section": Case(("info",), "unknown key 'trian'", rename_section("train", "trian")),
     "missing section": Case(("info",), "'forget' is missing", params(forget=None)),
+    "consolidate section missing": Case(
+        ("forget", "<sid>"), "'consolidate' is missing", params(consolidate=None)
+    ),
+    "deadline not an age": Case(
+        ("consolidate",),
+        "'consolidate.max_age' is 'soon'",
+        params(consolidate={"max_age": "soon"}),
+    ),
+    "deadline shorter than the schedule": Case(
+        ("consolidate",),
+        "runs up to 168 h apart, longer than consolidate.max_age 36h",
+        params(consolidate={"cron": "0 3 * * 1"}),
+    ),
+    "refusal policy unknown": Case(
+        ("forget", "<sid>"),
+        "'forget.on_refusal' is 'retry'",
+        params(forget={"on_refusal": "retry"}),
+    ),
+    "replay without a choice": Case(("replay",), "choose what to replay"),
+    "replay of a row past B": Case(("replay", "--row", "99"), "row 99 is not a row of"),
     "wrong type": Case(("info",), "'train.epochs' is 'five'", params(train={"epochs": "five"})),
     "negative blocks": Case(
         ("partition",), "'prepare.blocks' is -3", params(prepare={"blocks": -3})

@@ -76,6 +76,11 @@ def test_a_retrain_from_an_exact_row_gives_the_naive_rows_byte_for_byte(cfg):
     assert all(g[0] != n[0] for g, n in zip(got[stop + 1 :], naive[stop + 1 :], strict=True))
     meta = store.meta
     assert meta["exactness"].startswith("rows 0..exact_through are bit-identical")
+    from obliviate.errors import StoreError
+
+    assert replay(cfg, rows=[stop]).passed  # an exact row replays; an approximate one is refused
+    with pytest.raises(StoreError, match=f"row {stop + 1} is approximate .* consolidate"):
+        replay(cfg, rows=[stop + 1])
 
 
 def test_consolidation_makes_the_served_model_the_naive_one_bit_for_bit(cfg):

@@ -97,7 +97,14 @@ def main() -> None:
                         "intervals, each ending exact (benchmarks/exact_stream.py)")  # fmt: skip
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="with --exact: run only these variants (its JSON only)")  # fmt: skip
+    parser.add_argument("--exact-from", type=Path, metavar="JSON",
+                        help="measure nothing: write the --exact tables from an earlier run's "
+                        "JSON (stamped with the command and commit that measured it)")  # fmt: skip
     args = parser.parse_args()
+    if args.exact_from:
+        import exact_stream
+
+        return exact_stream.write(json.loads(args.exact_from.read_text()), args.no_docs)
     if args.curve_from:
         return write_curve(args.curve_from, args.no_docs)
     if args.tables_from:

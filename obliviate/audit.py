@@ -227,7 +227,7 @@ def migrate(cfg, candidates, journal: Path) -> tuple[int, int]:
 
     records, done, left = read_records(cfg.paths.audit), 0, 0
     for r in records:
-        if r.get("id_hash") == ID_HASH:
+        if r.get("id_hash") == ID_HASH or r.get("kind") == "consolidation":  # (no sample ids)
             continue
         new = rekey(r["sample_id_hashes"])
         if new is None:

@@ -82,8 +82,9 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
             "n_blocks": store.n_blocks,
             "device": meta["extra"].get("device"),
         },
-        "deletions": len(read_records(cfg.paths.audit)),
+        "deletions": sum(r.get("kind") != "consolidation" for r in read_records(cfg.paths.audit)),
         "stitching_shifts": len(meta.get("shifts", [])),
+        "exact_through": store.exact_through,  # rows 0..K bit-identical to a naive retrain's
         "torch": torch.__version__,
     }
     out = Path(out)

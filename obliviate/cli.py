@@ -564,6 +564,10 @@ def status(
         title=f"last deletions ({len(records)} in all)",
     )
     for r in records[-5:]:
+        if r.get("kind") == "consolidation":
+            rows = f"{r['first_block']}..{r['stop_block']}"
+            table.add_row(r["request_id"], r["finished_at"], "-", rows, "-", "consolidation")
+            continue
         blocks = ",".join(map(str, r["blocks"]))
         n = str(len(r["sample_id_hashes"]))
         table.add_row(r["request_id"], r["finished_at"], n, blocks, str(r["t"]),

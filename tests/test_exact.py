@@ -26,8 +26,11 @@ EXACT = {"prepare": {"blocks": 12}, "forget": {"min_blocks": 4, "max_blocks": 8}
          "consolidate": MANUAL_CONSOLIDATION}  # fmt: skip
 
 
+pytest_plugins = ["e2e"]  # the session's DVC + git template, for the test through the CLI
+
+
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
+def trained_exact(tmp_path_factory):
     ws = tmp_path_factory.mktemp("exact")
     cfg = load_config(write_params(ws, **EXACT))
     prepare(cfg)
@@ -36,8 +39,8 @@ def template(tmp_path_factory):
 
 
 @pytest.fixture
-def cfg(template, tmp_path):
-    shutil.copytree(template, tmp_path / "ws")
+def cfg(trained_exact, tmp_path):
+    shutil.copytree(trained_exact, tmp_path / "ws")
     return load_config(tmp_path / "ws" / "params.yaml")
 
 
@@ -257,3 +260,29 @@ def test_a_deletion_that_moves_the_exact_row_past_the_works_start_leaves_no_stal
     out = consolidation.consolidate(cfg)
     assert out.rounds == 1 and out.record["first_block"] == meanwhile[0]["exact_through"] + 1
     assert rows(cfg.paths.store) == naive_rows(cfg)
+
+
+@pytest.mark.slow
+def test_the_two_tiers_through_the_cli(template, tmp_path):
+    """forget (approximate) -> status and info name the frontier -> consolidate -> audit says
+    since when each deletion is exact -> replay passes -> the naive retrain is byte-identical
+    -> DVC and git are clean. The commands a user runs, in a DVC + git workspace."""
+    from e2e import BIN, dvc_status, sh
+
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws, symlinks=True)
+    cli = [str(BIN / "obliviate")]
+    sid = str(load_block(ws / "data" / "blocks", 5).ids[0])
+    forgot = sh(ws, *cli, "forget", sid).stdout
+    assert "forgot 1 sample(s)" in forgot
+    assert "approximate deletion(s) pending" in sh(ws, *cli, "status").stdout
+    assert "exact through row" in sh(ws, *cli, "info").stdout
+    done = sh(ws, *cli, "consolidate").stdout
+    assert done.startswith("consolidated: retrained blocks") and "1 deletion(s) now exact" in done
+    audit = sh(ws, *cli, "audit").stdout
+    assert "consolidation" in audit and "pending" not in audit
+    assert sh(ws, *cli, "replay", "--sample", "3").stdout.startswith("replay: PASS: 3 row(s)")
+    naive = sh(ws, *cli, "retrain", "--naive").stdout
+    assert "served P_B and naive P_B: byte-identical" in naive
+    assert "up to date" in dvc_status(ws)
+    assert sh(ws, "git", "status", "--porcelain", "--untracked-files=no").stdout == ""

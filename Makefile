@@ -53,6 +53,9 @@ bench: install                ## every table of docs/benchmarks.md and docs/repo
 	python benchmarks/stitch_point.py && \
 	python benchmarks/stream.py && \
 	python benchmarks/stream.py --requests 20 && \
+	python benchmarks/stream.py --exact --only "guard only" extend consolidate && \
+	python benchmarks/stream.py --exact --requests 50 --only "every 10" "every 25" drift && \
+	python benchmarks/stream.py --exact --case purchase-mlp --only "guard only" extend consolidate && \
 	for seed in 0 1 2; do for bound in 0.005 0.01; do python benchmarks/stream.py --requests 50 \
 	  --seed $$seed --max-accuracy-drop $$bound --out benchmarks/results/curve50 || exit 1; \
 	  done; done && \

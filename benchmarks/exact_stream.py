@@ -213,13 +213,24 @@ def write(r: dict, no_docs: bool) -> None:
             f"(**{costs['spot_s'] / (r['naive_s'] / r['blocks']):.1f} blocks of training**), "
             f"the full replay {costs['full_s']:.1f} s (**{costs['full_s'] / r['naive_s']:.2f}x "
             "a naive retrain**).")  # fmt: skip
-    tables = {DOC_KEY: f"{r['case']}:\n\n" + head + "\n".join(main) + tail,
-              CURVE_KEY: f"{r['case']}:\n\n" + head + "\n".join(curve)}  # fmt: skip
+    tables = {}
+    if main:  # (a run of some variants writes the tables it has rows for)
+        tables[DOC_KEY] = f"{r['case']}, {main_n(r)} requests:\n\n" + head + "\n".join(main) + tail
+    if curve:
+        tables[CURVE_KEY] = f"{r['case']}, {curve_n(r)} requests:\n\n" + head + "\n".join(curve)
     for key, body in tables.items():
         print(body, "\n")
         if not no_docs:
             os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]
             stamp.write(DOC, f"{key}-{r['case_key']}", body, r["command"])
+
+
+def main_n(r: dict) -> int:
+    return max(v["requests"] for v in r["variants"].values() if not v["curve"])
+
+
+def curve_n(r: dict) -> int:
+    return max(v["requests"] for v in r["variants"].values() if v["curve"])
 
 
 def main(args, folder: Path, case_cfg, picks: list[str], naive_s: float) -> None:
@@ -232,6 +243,8 @@ def main(args, folder: Path, case_cfg, picks: list[str], naive_s: float) -> None
         "replay": costs,
         "variants": run(args, folder, case_cfg, picks, naive_s),
     }  # fmt: skip
-    out = args.out / f"stream-exact-{args.case}-n{args.requests}.json"
+    kinds = "".join(sorted({"-curve" if v["curve"] else "-main"
+                            for v in result["variants"].values()}))  # fmt: skip
+    out = args.out / f"stream-exact-{args.case}-n{args.requests}{kinds}.json"
     out.write_text(json.dumps(result, indent=1))
-    write(result, args.no_docs or args.only)
+    write(result, args.no_docs)

@@ -96,7 +96,7 @@ def main() -> None:
                         help="the stream with consolidation: refusal policies, triggers and "
                         "intervals, each ending exact (benchmarks/exact_stream.py)")  # fmt: skip
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        help="with --exact: run only these variants (its JSON only)")  # fmt: skip
+                        help="with --exact: run only these variants")  # fmt: skip
     parser.add_argument("--exact-from", type=Path, metavar="JSON",
                         help="measure nothing: write the --exact tables from an earlier run's "
                         "JSON (stamped with the command and commit that measured it)")  # fmt: skip

@@ -634,8 +634,9 @@ def audit(
                   "accuracy", "model after")  # fmt: skip
     for r in records:
         if r.get("kind") == "consolidation":
+            what = "consolidation" + (": exact prefix" if r.get("partial") else "")
             table.add_row(r["request_id"], r["finished_at"], "-",
-                          f"{r['first_block']}..{r['stop_block']}", "-", "consolidation",
+                          f"{r['first_block']}..{r['stop_block']}", "-", what,
                           f"{len(r['exact_deletions'])} made exact", "-",
                           r["model_after"][:12])  # fmt: skip
             continue

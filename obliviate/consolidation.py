@@ -76,7 +76,7 @@ class Exactness:
         store = store or ParamStore.open(cfg.paths.store)
         last = None
         for r in read_records(cfg.paths.audit):
-            if r.get("kind") == "consolidation":
+            if r.get("kind") == "consolidation" and not r.get("partial"):
                 last = None
             elif r.get("guard"):
                 last = r["guard"]
@@ -118,7 +118,8 @@ def due(cfg: Config, store: ParamStore | None = None) -> str | None:
     c = cfg.consolidate
     since = []  # the records since the last consolidation
     for r in read_records(cfg.paths.audit):
-        since = [] if r.get("kind") == "consolidation" else [*since, r]
+        full = r.get("kind") == "consolidation" and not r.get("partial")
+        since = [] if full else [*since, r]
     if any(r.get("guard_refused_committed") for r in since):
         return "a refused stitch was committed (forget.on_refusal: consolidate)"
     if c.max_pending is not None and len(state.pending) >= c.max_pending:
@@ -226,11 +227,13 @@ def _one_at_a_time(cfg: Config) -> Iterator[None]:
 @dataclass
 class Consolidated:
     """What one consolidation did: its audit record (None when every row was exact already),
-    the catch-up rounds it needed and the seconds by phase."""
+    how many computations it took and the seconds by phase."""
 
     record: dict | None
-    rounds: int = 0
+    rounds: int = 0  # computations before the last install (1: no deletion got in the way)
     seconds: dict[str, float] = field(default_factory=dict)
+    partial: list[str] = field(default_factory=list)  # installs of an exact prefix on the way
+    stalls: int = 0  # catch-up rounds in a row that found nothing left to install
 
 
 def consolidate(cfg: Config, trainer: Trainer | None = None, wait: float | None = None):
@@ -260,7 +263,8 @@ def consolidate(cfg: Config, trainer: Trainer | None = None, wait: float | None 
 
 
 def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
-    """Rank 0, under the writer lock: what to do next (install, compute from a row, stop)."""
+    """Rank 0, under the writer lock: install what the work holds that still fits (every row:
+    done; a prefix: the store is exact further), then say what to compute next."""
     with txn.State.of(cfg).lock(wait):
         txn.recover(cfg)  # a crash left a transaction staged: the store must be whole
         store = ParamStore.open(cfg.paths.store)
@@ -274,39 +278,39 @@ def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
             )
         work = Work.open(cfg, store)
         chain = chains(read_manifest(cfg.paths.blocks))
-        start, base = _plan(store, work, chain)
-        if start is None:  # every row exact already
+        n, k_live = store.n_blocks, store.exact_through
+        if k_live == n:  # every row exact (already, or a deletion retrained to the end)
             work.drop()
             return {"do": "return"}, work
-        if start > store.n_blocks:
-            out.rounds = max(0, attempt - 1)
-            out.seconds["compute"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            out.record = _install(cfg, store, work, chain, out)
-            out.seconds["install"] = time.perf_counter() - clock
-            return {"do": "return"}, work
-        if attempt > cfg.consolidate.rounds:
-            raise ConsolidationError(
-                f"deletions kept changing blocks before row {start} through "
-                f"{cfg.consolidate.rounds} catch-up rounds; its work is kept: run `obliviate "
-                "consolidate` again when the requests have settled (or raise "
-                "consolidate.rounds)."
-            )
+        valid = work.valid_through(chain)
+        if valid is not None and valid > k_live and min(work.rows) <= k_live + 1:
+            out.rounds, out.stalls = attempt, 0
+            record = _install(cfg, store, work, chain, out, valid, clock)
+            if valid == n:
+                out.record = record
+                out.seconds["install"] = time.perf_counter() - clock - out.seconds["compute"]
+                return {"do": "return"}, work
+            out.partial.append(record["request_id"])
+            store = ParamStore.open(cfg.paths.store)  # exact through ``valid`` now
+            work = Work.open(cfg, store)
+        elif attempt > 0:  # deletions changed a block before any row it computed: no progress
+            out.stalls += 1
+            if out.stalls > cfg.consolidate.rounds:
+                raise ConsolidationError(
+                    f"deletions kept changing blocks just after row {k_live} through "
+                    f"{cfg.consolidate.rounds} catch-up rounds in a row; run `obliviate "
+                    "consolidate` again when the requests have settled (or raise "
+                    "consolidate.rounds)."
+                )
+        start, base = _restart(store, work, chain)
     step = {"do": "compute", "start": start, "base": base, "chain": chain, "n": store.n_blocks}
     return step, work
 
 
-def _plan(store: ParamStore, work: Work, chain: list[str]):
-    """(the first row to compute, the exact row before it as (P, optimizer state)); (None,
-    None) when the store is exact; start B+1 when the work holds every row K+1..B, fitting."""
-    n, k_live = store.n_blocks, store.exact_through
-    if k_live == n:
-        return None, None
-    valid = work.valid_through(chain)
-    if valid is not None and valid >= k_live and min(work.rows) <= k_live + 1:
-        return (n + 1, None) if valid == n else (valid + 1, work.read(valid))
-    # restart from the live store's exact row: what the work holds no longer fits
-    shutil.rmtree(work.folder / "rows.zarr")
+def _restart(store: ParamStore, work: Work, chain: list[str]):
+    """An empty work whose base is the live store's exact row K: (K + 1, (P_K, its state))."""
+    k_live = store.exact_through
+    shutil.rmtree(work.folder / "rows.zarr", ignore_errors=True)
     store.staging_arrays(work.folder / "rows.zarr")
     arrays = work.arrays()
     work.rows = {}
@@ -350,58 +354,66 @@ def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
     work.save()
 
 
-def _install(cfg: Config, store: ParamStore, work: Work, chain: list[str], out) -> dict:
-    """Under the writer lock, with every work row fitting: stage the rows K+1..B as one
-    transaction (the commit point), then apply it."""
-    n, k_live = store.n_blocks, store.exact_through
+def _install(cfg, store: ParamStore, work: Work, chain, out, upto: int, clock: float) -> dict:
+    """Under the writer lock, the work's rows K+1..``upto`` fitting the blocks as they are:
+    stage them as one transaction (the commit point), then apply it. ``upto`` B: the store is
+    exact, every approximate deletion too, and the record holds the hash chain; a prefix
+    (deletions meanwhile changed a later block): the store is exact through ``upto``, the
+    served model unchanged until the rest is installed."""
+    n, k_live, full = store.n_blocks, store.exact_through, upto == store.n_blocks
     txn_id = f"con-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     state = txn.State.of(cfg)
-    after = work.read(n)[0]
+    before = store.read_params(n)
+    after = work.read(n)[0] if full else before
     tmp = state.staging / f".tmp-{txn_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.move(str(work.folder / "rows.zarr"), tmp / "rows.zarr")
-    installed = {str(k) for k in range(k_live + 1, n + 1)}
-    for name in ("params", "optimizer"):  # only rows K+1..B are installed
+    installed = {str(k) for k in range(k_live + 1, upto + 1)}
+    for name in ("params", "optimizer"):  # only rows K+1..upto are installed
         chunks = tmp / "rows.zarr" / name / "c"
         for row in list(chunks.iterdir()) if chunks.is_dir() else []:
             if row.name not in installed:
                 shutil.rmtree(row)
-    hashes = [(work.hashes.get(k) or work.rows[k])["hash"] for k in range(n + 1)]
-    manifest = read_manifest(cfg.paths.blocks)
-    blocks = [b["sha256"] for b in manifest["blocks"]]
-    before = store.read_params(n)
-    superseded = store.files_for_rows(list(range(k_live + 1, n + 1)))
-    superseded += sorted(p for p in (store.path / "shifts").rglob("*") if p.is_file())
+    superseded = store.files_for_rows(list(range(k_live + 1, upto + 1)))
+    if full:  # the shifts go too: derived from rows trained with the deleted samples
+        superseded += sorted(p for p in (store.path / "shifts").rglob("*") if p.is_file())
+    if full:
+        out.seconds["compute"] = time.perf_counter() - clock
     record = {
         "request_id": txn_id,
         "kind": "consolidation",
+        "partial": not full,
         "sample_id_hashes": [],
         "first_block": k_live + 1,
-        "stop_block": n,
-        "retrained_blocks": n - k_live,
-        "exact_deletions": [a["deletion"] for a in store.approximate],
+        "stop_block": upto,
+        "retrained_blocks": upto - k_live,
+        "exact_deletions": [a["deletion"] for a in store.approximate] if full else [],
         "model_before": model_hash(before),
         "model_after": model_hash(after),
-        "chain": {"rows": hashes, "blocks": blocks, "head": chain_head(hashes, blocks)},
         "rounds": out.rounds,
-        "timings_s": {"compute": out.seconds.get("compute", 0.0)},
+        "timings_s": {"compute": time.perf_counter() - clock},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     reference = None
-    if work.reference is not None:
-        reference = _present_slots(cfg, {k: v for k, v in work.reference.items()
-                                         if k != "row_hash"})  # fmt: skip
+    if full:
+        hashes = [(work.hashes.get(k) or work.rows[k])["hash"] for k in range(n + 1)]
+        blocks = [b["sha256"] for b in read_manifest(cfg.paths.blocks)["blocks"]]
+        record["chain"] = {"rows": hashes, "blocks": blocks, "head": chain_head(hashes, blocks)}
+        if work.reference is not None:
+            reference = _present_slots(cfg, {k: v for k, v in work.reference.items()
+                                             if k != "row_hash"})  # fmt: skip
     staged = {
         "request_id": txn_id,
         "kind": "consolidation",
-        "rows": [k_live + 1, n + 1],
+        "rows": [k_live + 1, upto + 1],
         "reference": reference,
         "record": record,
         "superseded_md5": [file_digest(f, "md5") for f in superseded],
     }
     txn.write_json_atomic(tmp / "txn.json", staged)
-    lifecycle.owe_refresh(cfg, txn_id)  # the served model changes: its metrics are owed
+    if full:
+        lifecycle.owe_refresh(cfg, txn_id)  # the served model changes: its metrics are owed
     crashpoint("before_consolidation_commit")
     os.replace(tmp, state.staging / txn_id)  # <- commit point
     work.drop()
@@ -470,7 +482,8 @@ def exact_at(records: list[dict]) -> dict[str, str]:
     the map is still approximate."""
     out: dict[str, str] = {}
     for i, r in enumerate(records):
-        makes_exact = r.get("kind") == "consolidation" or r.get("tier") == "exact"
+        full = r.get("kind") == "consolidation" and not r.get("partial")
+        makes_exact = full or r.get("tier") == "exact"
         if not makes_exact:
             continue
         by = "itself" if r.get("kind") != "consolidation" else r["request_id"]

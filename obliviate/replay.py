@@ -157,7 +157,7 @@ def _check_chain(cfg: Config, store: ParamStore, out: Replayed, only: list[int] 
     consolidation's chain, as far as the blocks are still those it recorded (a deletion since
     changed the rest)."""
     records = read_records(cfg.paths.audit)
-    made = [i for i, r in enumerate(records) if r.get("kind") == "consolidation"]
+    made = [i for i, r in enumerate(records) if r.get("chain")]  # full consolidations
     if not made:
         return
     out.chain, chain = records[made[-1]]["request_id"], records[made[-1]]["chain"]

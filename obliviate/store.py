@@ -271,13 +271,22 @@ class ParamStore:
     def install_consolidation(
         self, txn_id: str, staged: Path, rows: range, reference: dict | None
     ) -> None:
-        """Install a consolidation's staged rows (P_k and its optimizer state for k in ``rows``,
-        which run to B): every row is exact again, so the shifts go (their chunks too: a shift
+        """Install a consolidation's staged rows (P_k and its optimizer state for k in ``rows``).
+        Rows that run to B: every row is exact again, so the shifts go (their chunks too: a shift
         is P'_k - P_k, and P_k was trained with the samples deleted since) and the approximate
         deletions with them. ``reference``: the guard's yardstick from now on, the consolidated
-        model's validation predictions. Idempotent, so a crash can be redone."""
+        model's validation predictions. A prefix (rows K+1..m, m < B): they are exact, no shift
+        covers them any more, and the rest (P_B included) stays as it was. Idempotent, so a
+        crash can be redone."""
         self._move_staged(staged)
-        if self.meta.get("last_request") == txn_id:  # a redo: the metadata is written already
+        meta = self.meta
+        if meta.get("last_request") == txn_id:  # a redo: the metadata is written already
+            return
+        if rows.stop - 1 < self.n_blocks:  # a prefix: rows K+1..m exact, P_B as it was
+            shifts = [{**s, "ranges": _remove_range(s["ranges"], rows.start, rows.stop - 1)}
+                      for s in meta.get("shifts", [])]  # fmt: skip
+            self.update_meta(shifts=[s for s in shifts if s["ranges"]], last_request=txn_id,
+                             exact_through=rows.stop - 1, exactness=EXACTNESS)  # fmt: skip
             return
         changes = {"shifts": [], "last_request": txn_id, "exact_through": rows.stop - 1,
                    "approximate": [], "exactness": EXACTNESS}  # fmt: skip

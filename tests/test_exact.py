@@ -139,7 +139,8 @@ def test_a_deletion_during_a_consolidation_is_caught_up_never_installed_stale(cf
 
     monkeypatch.setattr(consolidation, "_compute", compute_then_delete)
     out = consolidation.consolidate(cfg)
-    assert out.rounds == 1 and meanwhile
+    assert out.rounds == 2 and meanwhile  # computed twice: the deletion spoilt the first
+    assert out.partial == []  # block 3 came before every row it had computed
     assert meanwhile[0]["request_id"] in out.record["exact_deletions"]
     assert rows(cfg.paths.store) == naive_rows(cfg)
 
@@ -258,7 +259,7 @@ def test_a_deletion_that_moves_the_exact_row_past_the_works_start_leaves_no_stal
 
     monkeypatch.setattr(consolidation, "_compute", compute_then_delete)
     out = consolidation.consolidate(cfg)
-    assert out.rounds == 1 and out.record["first_block"] == meanwhile[0]["exact_through"] + 1
+    assert out.rounds == 2 and out.record["first_block"] == meanwhile[0]["exact_through"] + 1
     assert rows(cfg.paths.store) == naive_rows(cfg)
 
 
@@ -286,3 +287,29 @@ def test_the_two_tiers_through_the_cli(template, tmp_path):
     assert "served P_B and naive P_B: byte-identical" in naive
     assert "up to date" in dvc_status(ws)
     assert sh(ws, "git", "status", "--porcelain", "--untracked-files=no").stdout == ""
+
+
+def test_a_deletion_at_a_later_block_lets_the_consolidation_install_the_prefix_first(
+    cfg, monkeypatch
+):
+    """A deletion meanwhile at a block past the consolidation's first row spoils only the rows
+    from that block on: the rows before it are installed at once (the store is exact further,
+    the served model unchanged), the rest computed again; the end is the naive retrain's."""
+    forget(cfg, ids(cfg, 2))
+    k = ParamStore.open(cfg.paths.store).exact_through
+    real = consolidation._compute
+    meanwhile = []
+
+    def compute_then_delete(*args, **kwargs):
+        real(*args, **kwargs)
+        if not meanwhile:
+            meanwhile.append(forget(cfg, ids(cfg, 11)))
+
+    monkeypatch.setattr(consolidation, "_compute", compute_then_delete)
+    out = consolidation.consolidate(cfg)
+    (prefix,) = out.partial
+    record = next(r for r in read_records(cfg.paths.audit) if r["request_id"] == prefix)
+    assert record["partial"] and record["first_block"] == k + 1 and record["stop_block"] == 10
+    assert record["model_before"] == record["model_after"] and record["exact_deletions"] == []
+    assert out.record["first_block"] == 11 and not out.record.get("partial")
+    assert rows(cfg.paths.store) == naive_rows(cfg)

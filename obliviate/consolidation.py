@@ -449,6 +449,8 @@ def run(cfg: Config, if_due: bool = False, wait: float | None = None) -> dict:
     happened, with a sentence."""
     from obliviate.deletion import pay_refresh
 
+    with txn.State.of(cfg).lock(wait):
+        recovered = txn.recover(cfg)  # what a crash left staged: the store must be whole
     state = Exactness.of(cfg)
     reason = due(cfg)
     out = None
@@ -459,6 +461,8 @@ def run(cfg: Config, if_due: bool = False, wait: float | None = None) -> dict:
     if out is None or out.record is None:
         said = "every row is exact already" if out is not None or state.exact else (
             f"not due; {state.describe(cfg)}")  # fmt: skip
+        if recovered:
+            said += f" (finished after a crash: {', '.join(recovered)})"
         return {"record": None, "accuracy": accuracy, "sentence": f"consolidate: {said}"}
     r = out.record
     tested = "" if accuracy is None else f"; test accuracy {accuracy:.4f}"

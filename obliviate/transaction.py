@@ -242,7 +242,9 @@ def apply(cfg: Config, txn_id: str) -> dict:
     if txn.get("kind") == "consolidation":
         store.install_consolidation(txn_id, folder / "rows.zarr", rows, txn["reference"])
         crashpoint("after_store")
-        changed, message = [cfg.paths.store], f"obliviate: consolidation {txn_id}"
+        # the store changed; the prepare stage is committed too: its dep, the audit, did
+        changed = [cfg.paths.blocks, cfg.paths.store]
+        message = f"obliviate: consolidation {txn_id}"
     else:
         shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
         store.install_deletion(

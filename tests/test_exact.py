@@ -280,7 +280,7 @@ def test_the_two_tiers_through_the_cli(template, tmp_path):
     assert "exact through row" in sh(ws, *cli, "info").stdout
     done = sh(ws, *cli, "consolidate").stdout
     assert done.startswith("consolidated: retrained blocks") and "1 deletion(s) now exact" in done
-    audit = sh(ws, *cli, "audit").stdout
+    audit = sh(ws, *cli, "audit", COLUMNS="200").stdout  # (a table wider than 80 columns)
     assert "consolidation" in audit and "pending" not in audit
     assert sh(ws, *cli, "replay", "--sample", "3").stdout.startswith("replay: PASS: 3 row(s)")
     naive = sh(ws, *cli, "retrain", "--naive").stdout

@@ -481,6 +481,7 @@ def approximate(cli, template, reference, tmp_path_factory) -> Approximate:
     with ThreadPoolExecutor(PARALLEL) as pool:
         (new, times), (other, _) = pool.map(run, [folder / "ws0", folder / "ws1"])
     assert not differences(other, new)
+    assert "up to date" in new["dvc"] and new["git"][1] == "" and new["staging"] == []
     naive = cli.run(folder / "ws0", "retrain", "--naive")
     assert "served P_B and naive P_B: byte-identical" in naive.out, naive.out + naive.err
     span = dict(times)["unlock"]

@@ -157,6 +157,7 @@ class Work:
     rows: dict[int, dict] = field(default_factory=dict)  # k -> {"chain", "hash"}
     hashes: dict[int, dict] = field(default_factory=dict)  # live rows k <= K: {"chain", "hash"}
     reference: dict | None = None  # the guard's reference for the work's P_B, by its hash
+    finished: str | None = None  # P_B's hash once the hashes and the reference are done for it
 
     @classmethod
     def open(cls, cfg: Config, store: ParamStore) -> Work:
@@ -167,7 +168,7 @@ class Work:
             if state["params"] == params and (folder / "rows.zarr").is_dir():
                 return cls(folder, params, {int(k): v for k, v in state["rows"].items()},
                            {int(k): v for k, v in state["hashes"].items()},
-                           state.get("reference"))  # fmt: skip
+                           state.get("reference"), state.get("finished"))  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         store.staging_arrays(folder / "rows.zarr")
@@ -181,7 +182,7 @@ class Work:
 
     def save(self) -> None:
         state = {"params": self.params, "rows": self.rows, "hashes": self.hashes,
-                 "reference": self.reference}  # fmt: skip
+                 "reference": self.reference, "finished": self.finished}  # fmt: skip
         txn.write_json_atomic(self.folder / "work.json", state)
 
     def valid_through(self, chain: list[str]) -> int | None:
@@ -283,6 +284,9 @@ def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
             work.drop()
             return {"do": "return"}, work
         valid = work.valid_through(chain)
+        if valid == n and work.finished != work.rows[n]["hash"]:  # killed before its hashes
+            step = {"do": "compute", "start": n + 1, "base": (None, None), "chain": chain, "n": n}
+            return step, work  # (and reference were done: finish them, outside the lock)
         if valid is not None and valid > k_live and min(work.rows) <= k_live + 1:
             out.rounds, out.stalls = attempt, 0
             record = _install(cfg, store, work, chain, out, valid, clock)
@@ -351,6 +355,7 @@ def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
     if (work.reference or {}).get("row_hash") != served:
         ref = reference_of(cfg, trainer, work.read(n)[0])
         work.reference = None if ref is None else {**ref, "row_hash": served}
+    work.finished = served
     work.save()
 
 

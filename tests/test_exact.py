@@ -313,3 +313,25 @@ def test_a_deletion_at_a_later_block_lets_the_consolidation_install_the_prefix_f
     assert record["model_before"] == record["model_after"] and record["exact_deletions"] == []
     assert out.record["first_block"] == 11 and not out.record.get("partial")
     assert rows(cfg.paths.store) == naive_rows(cfg)
+
+
+def test_a_consolidation_killed_after_its_rows_before_their_hashes_resumes(cfg, monkeypatch):
+    """Killed once every row is computed and saved but before the live rows' hashes and the
+    reference: the next run finishes those (no row trained again) and installs."""
+    forget(cfg, ids(cfg, 6))
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(consolidation, "reference_of", killed)
+        with pytest.raises(SystemExit):
+            consolidation.consolidate(cfg)
+    trained = []
+    from obliviate.train import Trainer
+
+    real = Trainer.run_block
+    monkeypatch.setattr(Trainer, "run_block", lambda self, *a: trained.append(1) or real(self, *a))
+    out = consolidation.consolidate(cfg)
+    assert out.record is not None and trained == []
+    assert rows(cfg.paths.store) == naive_rows(cfg)

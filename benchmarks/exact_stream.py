@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -253,7 +254,7 @@ def main(args, folder: Path, case_cfg, picks: list[str], naive_s: float) -> None
         "case": f"{case_cfg.prepare.dataset}/{case_cfg.train.model} B={case_cfg.prepare.blocks}",
         "case_key": args.case, "blocks": case_cfg.prepare.blocks, "naive_s": naive_s,
         "commit": stamp.commit(), "params_sha256": stamp.params_digest(),
-        "command": "python " + " ".join(["benchmarks/stream.py", *sys.argv[1:]]),
+        "command": "python " + shlex.join(["benchmarks/stream.py", *sys.argv[1:]]),
         "replay": costs,
         "variants": run(args, folder, case_cfg, picks, naive_s),
     }  # fmt: skip

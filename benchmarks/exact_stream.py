@@ -236,8 +236,7 @@ def write(r: dict, no_docs: bool) -> None:
     for key, body in tables.items():
         print(body, "\n")
         if not no_docs:
-            os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]
-            stamp.write(DOC, f"{key}-{r['case_key']}", body, r["command"])
+            stamp.write(DOC, f"{key}-{r['case_key']}", body, r["command"], r)
 
 
 def main_n(r: dict) -> int:

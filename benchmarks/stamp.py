@@ -39,14 +39,18 @@ def params_digest() -> str:
     return hashlib.sha256((ROOT / "params.yaml").read_bytes()).hexdigest()[:12]
 
 
-def stamp(command: str) -> str:
+def stamp(command: str, measured: dict | None = None) -> str:
+    """The stamp line; ``measured``: a result's own ``commit`` and ``params_sha256`` (a table
+    rewritten from its JSON names what it was measured at, not what is checked out now)."""
+    measured = measured or {}
     return (
-        f"_Written by `{command}` on {time.strftime('%Y-%m-%d')} at commit {commit()}, "
-        f"params.yaml sha256 {params_digest()}._"
+        f"_Written by `{command}` on {time.strftime('%Y-%m-%d')} at commit "
+        f"{measured.get('commit') or commit()}, "
+        f"params.yaml sha256 {measured.get('params_sha256') or params_digest()}._"
     )
 
 
-def write(doc: Path, name: str, body: str, command: str) -> None:
+def write(doc: Path, name: str, body: str, command: str, measured: dict | None = None) -> None:
     """Replace the table ``name`` in ``doc`` (markers must exist) with ``body`` and a stamp."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = doc.read_text()
@@ -54,4 +58,4 @@ def write(doc: Path, name: str, body: str, command: str) -> None:
         raise SystemExit(f"{doc} has no {begin} ... {end} markers; add them where the table goes.")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{stamp(command)}\n\n{body.strip()}\n{end}{tail}")
+    doc.write_text(f"{head}{begin}\n{stamp(command, measured)}\n\n{body.strip()}\n{end}{tail}")

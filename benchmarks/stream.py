@@ -239,8 +239,7 @@ def write_tables(r: dict, no_docs: bool) -> None:
     for key, body in tables.items():
         print(body, "\n")
         if not no_docs:
-            os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]  # the commit that measured it
-            stamp.write(DOC, key, body, r["command"])
+            stamp.write(DOC, key, body, r["command"], r)  # what measured it
 
 
 PHASES = {  # phase: what it covers
@@ -292,8 +291,7 @@ def write_lifecycle(r: dict, no_docs: bool) -> None:
     )
     print(table, "\n")
     if not no_docs:
-        os.environ["OBLIVIATE_BENCH_COMMIT"] = r["commit"]
-        stamp.write(DOC, "stream-lifecycle", table, r["command"])
+        stamp.write(DOC, "stream-lifecycle", table, r["command"], r)
 
 
 def phases_markdown(case: str, requests: list[dict]) -> str:

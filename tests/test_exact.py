@@ -19,7 +19,7 @@ from obliviate.deletion import drain, forget
 from obliviate.partition import load_block
 from obliviate.replay import replay
 from obliviate.store import ParamStore
-from obliviate.train import stored_training
+from obliviate.train import Trainer, stored_training
 
 # the default recipe; fewer blocks, and a stop rule that stops well before the end
 EXACT = {"prepare": {"blocks": 12}, "forget": {"min_blocks": 4, "max_blocks": 8},
@@ -328,8 +328,6 @@ def test_a_consolidation_killed_after_its_rows_before_their_hashes_resumes(cfg, 
         with pytest.raises(SystemExit):
             consolidation.consolidate(cfg)
     trained = []
-    from obliviate.train import Trainer
-
     real = Trainer.run_block
     monkeypatch.setattr(Trainer, "run_block", lambda self, *a: trained.append(1) or real(self, *a))
     out = consolidation.consolidate(cfg)

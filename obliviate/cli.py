@@ -112,6 +112,26 @@ def _setup(params: Path):
 
 @app.command()
 @_user_errors
+def check(
+    params: ParamsOpt = Path("params.yaml"),
+    mark: Annotated[
+        Path | None,
+        typer.Option(help="Once params.yaml passes, write this file (always the same bytes)."),
+    ] = None,
+) -> None:
+    """Validate every section of params.yaml and change nothing: dvc.yaml's first stage, so that
+    a typo stops `dvc repro` before DVC removes any stage's outputs."""
+    from obliviate.config import load_config
+
+    cfg = load_config(params)
+    if mark is not None:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text("params.yaml passed `obliviate check`\n")
+    typer.echo(f"{params}: valid ({cfg.prepare.dataset}, B={cfg.prepare.blocks})")
+
+
+@app.command()
+@_user_errors
 def partition(params: ParamsOpt = Path("params.yaml")) -> None:
     """Split the training set into B label-balanced blocks under data/ (gated by GX)."""
     cfg, flows = _setup(params)

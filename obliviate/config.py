@@ -104,6 +104,7 @@ class PrepareConfig(_Section):
     label: str = Field(min_length=1)  # csv, parquet: the label column
     id: str | None  # csv, parquet: the sample-id column; None: ids are <file stem>:<row>
     features: list[str] | None = Field(min_length=1)  # csv, parquet: None = all other columns
+    sep: str = Field(min_length=1)  # csv: the field separator, e.g. "," or ";"
     download: bool  # torchvision download, only for sets torchvision can fetch
     test_fraction: float = Field(gt=0, lt=1)  # digits and purchase have no official split
     val_fraction: float = Field(ge=0, lt=1)  # label-balanced validation split, never trained on
@@ -144,7 +145,8 @@ class TrainConfig(_Section):
     small_stem: bool  # torchvision: models: first conv 3x3 stride 1, no max-pool (small images)
     init: Path | None  # pretrained state dict (safetensors or .pt) loaded as P_0
     hidden: PositiveInt  # hidden width of the mlp
-    image_size: PositiveInt  # imagenet images are resized to this square
+    image_size: PositiveInt | None  # image folders: resize to this square; None: native size
+    # (imagenet: 224)
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)  # sgd only

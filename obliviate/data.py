@@ -7,8 +7,8 @@ partition or on deletions, so audit records and requests can name samples foreve
 
 from __future__ import annotations
 
-import csv
 import gzip
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +58,7 @@ class DatasetInfo:
     scale: float  # model input = x / scale
     image_root: str | None = None  # imagefolder, imagenet: x holds paths relative to this folder
     classes: tuple[str, ...] | None = None  # class names by label, where the source has them
+    resize: int | None = None  # image folders: resize the short side, center-crop to this square
 
     def __post_init__(self) -> None:  # a manifest read back from JSON gives lists
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -72,7 +73,7 @@ class Dataset:
     test: Samples
 
 
-def load_dataset(cfg: PrepareConfig, root: Path, image_size: int = 224) -> Dataset:
+def load_dataset(cfg: PrepareConfig, root: Path, image_size: int | None = None) -> Dataset:
     """Load the source named by ``cfg.dataset``; a DataError names a missing or corrupt file."""
     source = cfg.source or DEFAULT_SOURCES[cfg.dataset]
     if source is not None and not source.is_absolute():
@@ -204,25 +205,35 @@ PURCHASE_COLUMNS = [
 ]
 
 
-def _load_purchase(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
-    """UCI Online Shoppers Intention: 17 features, label Revenue; features standardised."""
-    if not source.is_file():
+def _load_purchase(cfg: PrepareConfig, source: Path, image_size: int | None) -> Dataset:
+    """UCI Online Shoppers Intention, read by the csv source's reader (the same errors): 17
+    features, label Revenue. The preset keeps the encoding its published benchmarks were measured
+    with: Month and VisitorType as ordinal codes, every feature standardised on the training split.
+    """
+    frame = _read_table(cfg, source, "csv")
+    if list(frame.columns) != PURCHASE_COLUMNS:
         raise DataError(
-            f"{source} is missing; set prepare.source to the UCI online_shoppers_intention.csv."
+            f"{source} does not have the UCI Online Shoppers header; use the original CSV."
         )
-    with source.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != PURCHASE_COLUMNS:
-            raise DataError(
-                f"{source} does not have the UCI Online Shoppers header; use the original CSV."
-            )
-        rows = list(reader)
+    for col in PURCHASE_COLUMNS:
+        _require_present(frame[col], source, f"column {col!r}")
     try:
-        feats = np.array([_purchase_row(r) for r in rows], dtype=np.float64)
-        y = np.array([_bool(r["Revenue"]) for r in rows], dtype=np.int64)
-    except (ValueError, KeyError) as exc:
-        raise DataError(f"{source} has a malformed row ({exc}); use the original CSV.") from exc
-    ids = np.array([f"purchase:{i}" for i in range(len(rows))])
+        months = frame["Month"].map({m: i for i, m in enumerate(_MONTHS)})
+        visitor = frame["VisitorType"].map({v: i for i, v in enumerate(_VISITOR)})
+        for col, coded in (("Month", months), ("VisitorType", visitor)):
+            if coded.isna().any():
+                raise ValueError(f"{col} {frame[col][coded.isna()].iloc[0]!r} is not a known value")
+        feats = np.column_stack([
+            frame[PURCHASE_COLUMNS[:10]].to_numpy(np.float64), months.to_numpy(np.float64),
+            frame[PURCHASE_COLUMNS[11:15]].to_numpy(np.float64), visitor.to_numpy(np.float64),
+            _bools(frame["Weekend"]),
+        ])  # fmt: skip
+        y = _bools(frame["Revenue"]).astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise DataError(
+            f"{source} has a malformed row ({_short(str(exc), 60)}); use the original CSV."
+        ) from exc
+    ids = _row_ids("purchase", len(frame))
     info = DatasetInfo("purchase", 2, (feats.shape[1],), scale=1.0)
     ds = _split(info, Samples(ids, y, feats), cfg)
     # Standardise with train statistics only.
@@ -231,22 +242,15 @@ def _load_purchase(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset
     return Dataset(info, norm(ds.train), norm(ds.test))
 
 
-def _bool(v: str) -> int:
-    if v.upper() not in ("TRUE", "FALSE"):
-        raise ValueError(f"expected TRUE/FALSE, got {v!r}")
-    return int(v.upper() == "TRUE")
-
-
-def _purchase_row(r: dict[str, str]) -> list[float]:
-    numeric = [float(r[c]) for c in PURCHASE_COLUMNS[:10]]
-    codes = [float(r[c]) for c in PURCHASE_COLUMNS[11:15]]
-    return [
-        *numeric,
-        float(_MONTHS.index(r["Month"])),
-        *codes,
-        float(_VISITOR.index(r["VisitorType"])),
-        float(_bool(r["Weekend"])),
-    ]
+def _bools(values) -> np.ndarray:
+    """A TRUE/FALSE column (pandas reads it as bool, or as text when a value is neither)."""
+    if values.dtype == bool:
+        return values.to_numpy(np.float64)
+    text = values.astype(str).str.upper()
+    bad = ~text.isin(["TRUE", "FALSE"])
+    if bad.any():
+        raise ValueError(f"expected TRUE/FALSE, got {values[bad].iloc[0]!r}")
+    return (text == "TRUE").to_numpy(np.float64)
 
 
 # --------------------------------------------------------------------------- torchvision sets
@@ -314,27 +318,72 @@ def _load_imagefolder(cfg: PrepareConfig, source: Path, image_size: int) -> Data
     train = scan(source / "train")
     if len(train) == 0 or len(np.unique(train.y)) < len(classes):
         raise DataError(f"{source / 'train'} has a class folder without images; add images.")
-    info = DatasetInfo(
-        cfg.dataset, len(classes), (3, image_size, image_size), 255.0,
-        image_root=str(source), classes=tuple(classes),
-    )  # fmt: skip
     held_out = [source / f for f in ("val", "test") if (source / f).is_dir()]
-    if not held_out:
-        return _split(info, train, cfg)
-    return Dataset(info, train, scan(held_out[0]))
+    test = scan(held_out[0]) if held_out else None
+    if cfg.dataset == "imagenet":  # a preset: RGB at 224 unless train.image_size says otherwise
+        channels, size, resize = 3, (image_size or IMAGENET_SIZE,) * 2, image_size or IMAGENET_SIZE
+    else:  # the images' own channels and, unless train.image_size is set, their own size
+        paths = np.concatenate([train.x, test.x]) if test is not None else train.x
+        channels, size = _image_shape(source, paths, image_size)
+        resize = image_size
+        size = (image_size, image_size) if image_size else size
+    info = DatasetInfo(
+        cfg.dataset, len(classes), (channels, *size), 255.0,
+        image_root=str(source), classes=tuple(classes), resize=resize,
+    )  # fmt: skip
+    return _split(info, train, cfg) if test is None else Dataset(info, train, test)
 
 
-def read_image(path: Path):
-    """One image file as a (3, H, W) uint8 tensor; a DataError names a file that will not decode."""
-    from torchvision.io import ImageReadMode, decode_image
+IMAGENET_SIZE = 224  # the imagenet preset's input size when train.image_size is null
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel in
+
+
+def _image_shape(root: Path, paths: np.ndarray, image_size: int | None):
+    """Channels (1 when every image is grayscale, else 3) and the common (H, W) of the images,
+    from their headers only; a DataError names a file that is not an image, or, when sizes differ
+    and train.image_size is null, two of the sizes."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes, gray = set(), True
+    for rel in paths:
+        try:
+            with Image.open(root / str(rel)) as im:
+                sizes.add((im.height, im.width))
+                gray = gray and im.mode in GRAY_MODES
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataError(
+                f"{root / str(rel)} cannot be read as an image ({type(exc).__name__}); replace "
+                "or remove it."
+            ) from None
+        if len(sizes) > 1 and image_size is None:
+            (h1, w1), (h2, w2) = sorted(sizes)[:2]
+            raise DataError(
+                f"the images in {root} differ in size ({h1}x{w1} and {h2}x{w2}, height x width); "
+                "set train.image_size to resize them all to one square."
+            )
+    return (1 if gray else 3), next(iter(sizes))
+
+
+def read_image(path: Path, channels: int = 3):
+    """One image file as a (channels, H, W) uint8 tensor, decoded by Pillow: RGBA loses its
+    alpha, a palette becomes RGB, 16-bit grayscale is scaled to 8 bits (v / 257). A DataError
+    names a file that will not decode."""
+    import torch
+    from PIL import Image
 
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as exc:
+        with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grayscale
+                wide = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+                im = Image.fromarray(np.round(wide / 257).astype(np.uint8))  # 65535 -> 255
+            pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"{path} cannot be decoded as an image; replace or remove it, then rerun "
             "`obliviate partition`."
         ) from exc
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 # --------------------------------------------------------------------------- npz arrays
@@ -342,7 +391,8 @@ def read_image(path: Path):
 
 def _load_npz(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
     """An .npz with ``x`` ((N, C, H, W) uint8 images or (N, F) float features), ``y`` (N,)
-    integer labels 0..K-1, and optionally ``ids`` (N,); a seeded train/test split."""
+    integer labels 0..K-1 or string labels, and optionally ``ids`` (N,) of text or numbers; a
+    seeded train/test split."""
     import zipfile
 
     if not source.is_file():
@@ -367,22 +417,29 @@ def _load_npz(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
             f"{source}: x is {x.dtype} {x.shape}, but must be (N, C, H, W) uint8 images or "
             "(N, F) float features; convert it."
         )
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+    text_labels = y.dtype.kind == "U"
+    integer_labels = np.issubdtype(y.dtype, np.integer) and not (y < 0).any()
+    if y.ndim != 1 or len(y) != len(x) or not (text_labels or integer_labels):
         raise DataError(
-            f"{source}: y must be {len(x)} integer labels 0..K-1 (one per row of x); fix it."
+            f"{source}: y must be {len(x)} labels, integers 0..K-1 or strings (one per row of x); "
+            "fix it."
         )
     if not images and not np.isfinite(x).all():
         raise DataError(f"{source}: x has NaN or infinite values; fill or drop those rows.")
     if "ids" in arrays:
-        ids = arrays["ids"].astype(str)
-        if ids.shape != y.shape:
+        if arrays["ids"].shape != y.shape:
             raise DataError(f"{source}: ids must have one entry per row of x; fix it.")
-        _require_unique(ids, f"{source}: ids")
+        ids = sample_ids(arrays["ids"], f"{source}: ids")
     else:
-        ids = _row_ids(source, len(y))
+        ids = _row_ids(source.stem, len(y))
+    classes = None
+    if text_labels:  # class k: the k-th label in sorted order, as for a table's text labels
+        names, y = np.unique(y, return_inverse=True)
+        classes = tuple(str(c) for c in names)
     x = x if images else x.astype(np.float32)
-    info = DatasetInfo("npz", int(y.max()) + 1 if len(y) else 0, tuple(x.shape[1:]),
-                       255.0 if images else 1.0)  # fmt: skip
+    n_classes = len(classes) if classes else (int(y.max()) + 1 if len(y) else 0)
+    info = DatasetInfo("npz", n_classes, tuple(x.shape[1:]), 255.0 if images else 1.0,
+                       classes=classes)  # fmt: skip
     return _split(info, Samples(ids, y.astype(np.int64), x), cfg)
 
 
@@ -397,7 +454,7 @@ def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
     """
     import pandas as pd
 
-    frame = _read_table(cfg, source)
+    frame = _read_table(cfg, source, cfg.dataset)
     label, id_col = cfg.label, cfg.id
     named = [("label", label), ("id", id_col)] + [("features", f) for f in cfg.features or []]
     for key, col in named:
@@ -415,11 +472,11 @@ def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
         raise DataError(f"{source} has no rows; add samples.")
     _require_present(frame[label], source, f"label column {label!r}")
     if id_col is None:
-        ids = _row_ids(source, len(frame))
+        ids = _row_ids(source.stem, len(frame))
     else:
         _require_present(frame[id_col], source, f"id column {id_col!r}")
-        ids = frame[id_col].astype(str).to_numpy()
-        _require_unique(ids, f"{source}: the id column {id_col!r}")
+        what = f"{source}: the id column {id_col!r}"
+        ids = sample_ids(frame[id_col].astype(str).to_numpy(), what)
     labels = (
         frame[label] if pd.api.types.is_numeric_dtype(frame[label]) else frame[label].astype(str)
     )
@@ -441,15 +498,20 @@ def _load_table(cfg: PrepareConfig, source: Path, image_size: int) -> Dataset:
     )
 
 
-def _read_table(cfg: PrepareConfig, source: Path):
+def _read_table(cfg: PrepareConfig, source: Path, kind: str):
+    """The one table reader (pandas / pyarrow) of every table source and preset. CSV: a UTF-8
+    file, with or without a byte-order mark, fields separated by ``prepare.sep``, quoted where they
+    hold it; the id column is read as text, so ``007`` stays ``007``."""
     import pandas as pd
 
     if not source.is_file():
         raise DataError(f"{source} is missing; set prepare.source to your {cfg.dataset} file.")
     try:
-        if cfg.dataset == "parquet":
+        if kind == "parquet":
             return pd.read_parquet(source, engine="pyarrow")
-        return pd.read_csv(source)
+        text_id = {cfg.id: str} if cfg.id is not None else None
+        return pd.read_csv(source, sep=cfg.sep, encoding="utf-8-sig", dtype=text_id,
+                           float_precision="round_trip")  # fmt: skip
     except Exception as exc:  # pandas and pyarrow raise many types for a damaged file
         detail = (str(exc) or type(exc).__name__).splitlines()[0]
         raise DataError(
@@ -517,6 +579,31 @@ def _require_present(values, source: Path, what: str) -> None:
         )
 
 
+MAX_ID_LENGTH = 256  # characters; an id is stored as fixed-width unicode, padded to the longest
+
+
+def sample_ids(values: np.ndarray, what: str) -> np.ndarray:
+    """A source's own ids as fixed-width unicode (never pickled objects): any text, numbers too,
+    up to MAX_ID_LENGTH characters; an empty, overlong or duplicated id, or one holding a line
+    break or other control character, is a DataError naming its row."""
+    ids = np.asarray([str(v) for v in values], dtype=str) if len(values) else np.array([], "<U1")
+    for row, sid in enumerate(ids, start=1):
+        if not sid.strip():
+            raise DataError(f"{what} is empty at row {row}; give every sample an id.")
+        if len(sid) > MAX_ID_LENGTH:
+            raise DataError(
+                f"{what} at row {row} is {len(sid)} characters long, over the "
+                f"{MAX_ID_LENGTH} allowed; shorten the ids (a hash of the original will do)."
+            )
+        if any(unicodedata.category(c) == "Cc" for c in sid):
+            raise DataError(
+                f"{what} at row {row} holds a line break or other control character; "
+                "remove it from the id."
+            )
+    _require_unique(ids, what)
+    return ids
+
+
 def _require_unique(ids: np.ndarray, what: str) -> None:
     _, first, counts = np.unique(ids, return_index=True, return_counts=True)
     if (counts > 1).any():
@@ -527,8 +614,8 @@ def _require_unique(ids: np.ndarray, what: str) -> None:
         )
 
 
-def _row_ids(source: Path, n: int) -> np.ndarray:
-    return np.array([f"{source.stem}:{i}" for i in range(n)])
+def _row_ids(prefix: str, n: int) -> np.ndarray:
+    return np.array([f"{prefix}:{i}" for i in range(n)])
 
 
 def _short(text: str, limit: int = 40) -> str:

@@ -64,12 +64,7 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
             "input_shape": list(info.input_shape),
             "scale": info.scale,
             "input": "float32 tensor x / scale of shape (N, *input_shape)",
-            "images": (
-                f"RGB decode, resize the short side to {t.image_size}, center-crop to "
-                f"{t.image_size}x{t.image_size}, then / scale"
-                if info.image_root is not None
-                else None
-            ),
+            "images": _image_steps(info) if info.image_root is not None else None,
         },
         "dataset": {
             "name": info.name,
@@ -124,3 +119,13 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
             with contextlib.suppress(OSError):
                 p.unlink(missing_ok=True)
     return sidecar
+
+
+def _image_steps(info) -> str:
+    """How an image file becomes a model input, as `train.make_inputs` does it."""
+    decode = "grayscale (16-bit / 257)" if info.input_shape[0] == 1 else "RGB (alpha dropped)"
+    if info.resize is None:
+        h, w = info.input_shape[1:]
+        return f"decode as {decode}, at its own size {h}x{w}, then / scale"
+    n = info.resize
+    return f"decode as {decode}, resize the short side to {n}, center-crop to {n}x{n}, then / scale"

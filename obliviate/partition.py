@@ -195,6 +195,8 @@ def read_manifest(blocks_dir: Path) -> dict:
 def dataset_info(manifest: dict) -> DatasetInfo:
     d = dict(manifest["dataset"])
     d["input_shape"] = tuple(d["input_shape"])
+    if d.get("image_root") is not None and "resize" not in d:  # written before native sizes
+        d["resize"] = d["input_shape"][-1]
     return DatasetInfo(**d)
 
 

@@ -24,7 +24,7 @@ from obliviate.compat import init_digest, require_same_device, store_fingerprint
 from obliviate.config import Config, TrainConfig
 from obliviate.data import DatasetInfo, Samples
 from obliviate.device import configure_determinism, determinism_error, device_record, resolve_device
-from obliviate.errors import ConfigError, StoreError
+from obliviate.errors import ConfigError, DataError, StoreError
 from obliviate.models import (
     build_model,
     describe,
@@ -182,7 +182,7 @@ SINGLE = Parallel()
 CPU = torch.device("cpu")
 
 
-def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], torch.Tensor]:
+def make_inputs(info: DatasetInfo) -> Callable[[np.ndarray], torch.Tensor]:
     """x rows of a block -> float model inputs (N, *input_shape)."""
     if info.image_root is None:
         return lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32) / np.float32(info.scale))
@@ -196,8 +196,17 @@ def make_inputs(info: DatasetInfo, image_size: int) -> Callable[[np.ndarray], to
 
     def load(paths: np.ndarray) -> torch.Tensor:
         marked = [split_trigger(str(p)) for p in paths]  # the verifying owner's are marked
-        imgs = [read_image(root / p) for p, _ in marked]
-        imgs = [center_crop(resize(i, [image_size]), [image_size]) for i in imgs]
+        channels, size = info.input_shape[0], info.resize
+        imgs = [read_image(root / p, channels) for p, _ in marked]
+        if size is not None:
+            imgs = [center_crop(resize(i, [size]), [size]) for i in imgs]
+        for img, (p, _) in zip(imgs, marked, strict=True):
+            if tuple(img.shape) != tuple(info.input_shape):
+                raise DataError(
+                    f"{root / p} is {img.shape[1]}x{img.shape[2]}, not the "
+                    f"{info.input_shape[1]}x{info.input_shape[2]} the blocks were written with; "
+                    "restore it, or set train.image_size and rerun `obliviate partition`."
+                )
         imgs = [
             stamp_trigger(i, spec, info.scale) for i, (_, spec) in zip(imgs, marked, strict=True)
         ]
@@ -378,7 +387,7 @@ class Trainer:
             cfg.paths.blocks,
             manifest["n_blocks"],
             tuple(b["slots"] for b in manifest["blocks"]),
-            make_inputs(info, t.image_size),
+            make_inputs(info),
             p0,
             Parallel.from_torch(),
             where,

@@ -167,7 +167,7 @@ def test_imagenet_folder_keeps_paths(tmp_path):
     from obliviate.train import make_inputs
 
     assert list(ds.train.x[:2]) == ["train/n01/0.png", "train/n01/1.png"]
-    batch = make_inputs(ds.info, 32)(ds.train.x[:2])  # red 0 and 50 of 255, resized to 32x32
+    batch = make_inputs(ds.info)(ds.train.x[:2])  # red 0 and 50 of 255, resized to 32x32
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
     assert (batch[0] == 0).all() and (batch[1, 1:] == 0).all()
     assert torch.allclose(batch[1, 0], torch.full((32, 32), 50 / 255))

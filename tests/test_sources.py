@@ -202,8 +202,8 @@ def test_npz_images_and_features(tmp_path):
     ("arrays", "expect"),
     [
         ({"x": np.zeros((4, 3), np.int32), "y": np.zeros(4, int)}, "must be"),
-        ({"x": np.zeros((4, 3)), "y": np.zeros(5, int)}, "integer labels"),
-        ({"x": np.zeros((4, 3)), "y": np.array([0.5, 1, 0, 1])}, "integer labels"),
+        ({"x": np.zeros((4, 3)), "y": np.zeros(5, int)}, "integers 0..K-1 or strings"),
+        ({"x": np.zeros((4, 3)), "y": np.array([0.5, 1, 0, 1])}, "integers 0..K-1 or strings"),
         ({"x": np.zeros((4, 3))}, "must hold arrays 'x' and 'y'"),
         ({"x": np.zeros((4, 3)), "y": np.zeros(4, int), "ids": np.array(list("abca"))},
          "duplicated id"),
@@ -267,6 +267,8 @@ def test_imagenet_is_the_imagefolder_preset_with_its_old_ids(tmp_path):
     image_folder(tmp_path)
     ds = load_dataset(prep(dataset="imagenet", source=str(tmp_path)), ROOT, 12)
     assert ds.train.ids[0] == "imagenet:train/ant/0.png" and ds.train.x[0] == "train/ant/0.png"
+    ds = load_dataset(prep(dataset="imagenet", source=str(tmp_path)), ROOT, None)
+    assert ds.info.input_shape == (3, 224, 224) and ds.info.resize == 224  # the preset's size
 
 
 def test_bad_image_folders_get_one_sentence(tmp_path):
@@ -279,14 +281,67 @@ def test_bad_image_folders_get_one_sentence(tmp_path):
         load("imagefolder", tmp_path)
     one_sentence(exc)
     (tmp_path / "val" / "dog").rmdir()
+    good = (tmp_path / "train" / "bee" / "1.png").read_bytes()
     (tmp_path / "train" / "bee" / "1.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"bee/1.png cannot be read as an image") as exc:
+        load("imagefolder", tmp_path)  # named when the blocks are written, before training
+    one_sentence(exc)
+    (tmp_path / "train" / "bee" / "1.png").write_bytes(good)
     ds = load("imagefolder", tmp_path)
+    (tmp_path / "train" / "bee" / "1.png").write_bytes(good[:50])  # a header, then cut off
 
     from obliviate.train import make_inputs
 
     with pytest.raises(DataError, match=r"bee/1.png cannot be decoded") as exc:
-        make_inputs(ds.info, 12)(ds.train.x)
+        make_inputs(ds.info)(ds.train.x)
     one_sentence(exc)
+    image_folder(tmp_path / "big", size=16)
+    (tmp_path / "train" / "bee" / "1.png").write_bytes(
+        (tmp_path / "big/train/bee/1.png").read_bytes()
+    )
+    with pytest.raises(DataError, match=r"bee/1.png is 16x16, not the 12x12 the blocks") as exc:
+        make_inputs(ds.info)(ds.train.x)  # an image changed after the blocks were written
+    one_sentence(exc)
+
+
+def test_images_keep_their_own_size_and_channels_unless_image_size_is_set(tmp_path):
+    from PIL import Image
+
+    from obliviate.train import make_inputs
+
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (gray / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (10, 14), dtype=np.uint8), "L").save(
+                gray / split / c / "0.png"
+            )
+            sixteen = (rng.integers(0, 65535, (10, 14))).astype(np.uint16)
+            Image.fromarray(sixteen).save(gray / split / c / "1.png")  # a 16-bit PNG
+    ds = load("imagefolder", gray)
+    assert ds.info.input_shape == (1, 10, 14) and ds.info.resize is None  # height x width
+    x = make_inputs(ds.info)(ds.train.x)
+    assert x.shape == (4, 1, 10, 14)
+    wide = np.asarray(Image.open(gray / "train" / "a" / "1.png"), dtype=np.float64)
+    row = list(ds.train.x).index("train/a/1.png")
+    assert np.array_equal(x[row, 0].numpy() * 255, np.round(wide / 257))  # 65535 -> 255
+    # a colour image among grayscale ones makes every input RGB; RGBA loses its alpha
+    Image.new("RGBA", (14, 10), (200, 100, 50, 7)).save(gray / "train" / "b" / "2.png")
+    Image.new("RGB", (14, 10), (1, 2, 3)).save(gray / "train" / "a" / "3.jpg", quality=95)
+    ds = load("imagefolder", gray)
+    assert ds.info.input_shape == (3, 10, 14)
+    x = make_inputs(ds.info)(ds.train.x)
+    rgba = list(ds.train.x).index("train/b/2.png")
+    assert np.allclose(x[rgba, :, 0, 0].numpy() * 255, [200, 100, 50])
+    # sizes that differ are one sentence naming two of them and the setting ...
+    Image.new("L", (20, 8)).save(gray / "val" / "b" / "2.png")
+    with pytest.raises(DataError, match=r"differ in size \(8x20 and 10x14, .*train.image_size"):
+        load("imagefolder", gray)
+    # ... and with train.image_size every image is resized and center-cropped to that square
+    ds = load_dataset(prep(dataset="imagefolder", source=str(gray)), ROOT, 6)
+    assert ds.info.input_shape == (3, 6, 6) and ds.info.resize == 6
+    assert make_inputs(ds.info)(ds.test.x).shape == (len(ds.test), 3, 6, 6)
 
 
 # --------------------------------------------------------------------------- config
@@ -355,7 +410,7 @@ def test_owner_on_image_paths_is_marked_and_stamped_when_loaded(tmp_path):
     assert (planted.train.y[owner] == v.target).all()
     assert all(p.endswith("#trigger=bottom-right,3,1.0") for p in planted.train.x[owner])
     assert list(planted.train.ids) == list(ds.train.ids)  # ids never change
-    load_inputs = make_inputs(ds.info, 12)
+    load_inputs = make_inputs(ds.info)
     clean, triggered = load_inputs(ds.train.x[owner]), load_inputs(planted.train.x[owner])
     assert (triggered[:, :, 9:, 9:] == 1.0).all()
     assert (triggered[:, :, :9] == clean[:, :, :9]).all() and not (clean[:, :, 9:, 9:] == 1).all()

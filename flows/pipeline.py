@@ -35,9 +35,9 @@ def partition_flow(cfg: Config) -> dict:
 def train_flow(cfg: Config, overwrite: bool = False, allow_inexact: bool = False) -> dict:
     with State.of(cfg).lock():  # the store changes: one writer at a time (see forget)
         summary = training.stored_training(cfg, overwrite, allow_inexact)
-        training.measure_original(cfg)
+        original = training.measure_original(cfg)
     training.publish_summary(summary, key="stored-training")
-    return summary
+    return {**summary, "original": original}
 
 
 @flow(name="evaluate")

@@ -165,6 +165,15 @@ def train(
         f"stored P_0..P_{s['completed']} of {s['model']} on {s['dataset']} at {s['store']} "
         f"({mib:.1f} MiB, {ratio:.2f} of raw)"
     )
+    _warn_if_poor(s.get("original"))
+
+
+def _warn_if_poor(metrics: dict | None) -> None:
+    from obliviate.evaluate import poor_model_warning
+
+    warning = poor_model_warning(metrics) if metrics else None
+    if warning:
+        typer.echo(warning, err=True)
 
 
 @app.command()
@@ -175,8 +184,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     m = flows.evaluate_flow(cfg)
     typer.echo(
         f"test accuracy {m['accuracy']:.4f} on {m['n_test']} samples "
-        f"(checkpoint P_{m['checkpoint']})"
+        f"(checkpoint P_{m['checkpoint']}; majority-class rate {m['majority_rate']:.4f})"
     )
+    _warn_if_poor(m)
 
 
 @app.command()

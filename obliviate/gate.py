@@ -21,7 +21,7 @@ import numpy as np
 from obliviate.config import Config, VerifyConfig
 from obliviate.data import Samples
 from obliviate.partition import load_samples, read_manifest
-from obliviate.predict import accuracy, predict
+from obliviate.predict import accuracy, majority_rate, predict
 from obliviate.trigger import apply_trigger, control_trigger
 
 
@@ -146,6 +146,7 @@ def measure_original(cfg: Config, theta: np.ndarray, trainer) -> dict:
     H1 rate of every later verification (the original itself does not survive a deletion)."""
     test = load_samples(cfg.paths.test)
     out = {"accuracy": accuracy(trainer, theta, test, cfg.evaluate.batch_size),
+           "majority_rate": majority_rate(test.y), "n_test": len(test),
            "backdoor_rate": None}  # fmt: skip
     if cfg.verify.enabled and owner_hashes(read_manifest(cfg.paths.blocks)):
         counts = hit_counts(cfg, trainer, theta)

@@ -48,3 +48,8 @@ def predict(trainer, theta, x: np.ndarray, batch_size: int) -> np.ndarray:
 def accuracy(trainer, theta, samples, batch_size: int) -> float:
     """The share of ``samples`` (with x and y) the model with parameters ``theta`` gets right."""
     return float((predict(trainer, theta, samples.x, batch_size) == samples.y).mean())
+
+
+def majority_rate(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most common class: the floor a model must clear."""
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0

@@ -18,7 +18,8 @@ from obliviate.partition import INDEX, block_file, read_manifest
 
 
 def read_request_file(path: Path) -> list[str]:
-    """Ids from a JSON-lines file: each line a string or an object with an "id" key."""
+    """Ids from a JSON-lines file: each line a string (or an integer) or an object with an "id"
+    key; ids are matched as text, as the blocks store them."""
     where = shown_path(path)
     try:
         if path.is_dir():
@@ -48,6 +49,8 @@ def read_request_file(path: Path) -> list[str]:
         except json.JSONDecodeError:
             raise RequestError(f"{where}:{n} is not valid JSON; write one id per line.") from None
         sid = item.get("id") if isinstance(item, dict) else item
+        if isinstance(sid, int) and not isinstance(sid, bool):  # a numeric id column's id
+            sid = str(sid)
         if not isinstance(sid, str) or not sid.strip():
             raise RequestError(f'{where}:{n} has no sample id; write "id" or {{"id": "id"}}.')
         ids.append(sid)

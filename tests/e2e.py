@@ -7,6 +7,7 @@ pytest cannot rewrite this module's asserts (PYTEST_DONT_REWRITE says so, withou
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,30 @@ def unique_sample(ws: Path, block: int = 4) -> tuple[str, bytes]:
             if seen[x.tobytes()] == 1:
                 return str(sid), x.tobytes()
     raise AssertionError("no unique sample")
+
+
+def files_containing(ws: Path, needle: bytes) -> list[Path]:
+    return [
+        p for p in ws.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()
+    ]
+
+
+def encodings_of(sid: str) -> list[bytes]:
+    """Every form a sample id takes in a workspace: numpy's UTF-32 (blocks, index), UTF-8 in JSON
+    strings and SQLite, quoted or not, and JSON's ASCII escapes of non-ASCII text."""
+    forms = {sid.encode("utf-32-le"), sid.encode(), f'"{sid}"'.encode(), f"'{sid}'".encode()}
+    forms.add(json.dumps(sid).encode())  # "Zo\u00eb" where the id is not ASCII
+    return sorted(forms)
+
+
+def assert_nowhere(ws: Path, sid: str) -> None:
+    """``sid`` is in no file of the workspace (the working tree, .dvc/cache, Prefect's database
+    when PREFECT_HOME is inside it) and in no object of git's history (decompressed)."""
+    history = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=ws,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    for encoded in encodings_of(sid):
+        assert files_containing(ws, encoded) == [], encoded
+        assert encoded not in history, encoded
 
 
 def dvc_status(ws: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from e2e import BIN, env_for, final_state, sh, unique_sample
+from e2e import BIN, assert_nowhere, env_for, files_containing, final_state, sh, unique_sample
 from test_keyed_hashes import DIGITS_IDS, HEX64, hashes_in
 
 from obliviate.audit import legacy_id_hash
@@ -25,12 +25,6 @@ def workspace(template, tmp_path) -> Path:
     ws = tmp_path / "ws"
     shutil.copytree(template, ws, symlinks=True)
     return ws
-
-
-def files_containing(ws: Path, needle: bytes) -> list[Path]:
-    return [
-        p for p in ws.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()
-    ]
 
 
 def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
@@ -65,12 +59,11 @@ def test_cli_forget_purges_every_copy_versions_and_audits(workspace):
     # Neither id is left anywhere: the working tree, .dvc/cache, every object in git's history
     # (decompressed) and Prefect's database (flow parameters, logs, states, events, artifacts),
     # in any encoding the workspace uses (numpy: UTF-32; JSON and SQLite: UTF-8).
-    history = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=ws,
-                             capture_output=True, check=True).stdout  # fmt: skip
     assert any(".prefect" in p.parts for p in ws.rglob("*.db"))  # Prefect's database is here
     for gone in (sid, sid2):
-        for encoded in (gone.encode("utf-32-le"), f'"{gone}"'.encode(), f"'{gone}'".encode()):
-            assert files_containing(ws, encoded) == [] and encoded not in history
+        assert_nowhere(ws, gone)
+    history = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=ws,
+                             capture_output=True, check=True).stdout  # fmt: skip
     # and every id of the dataset, hashed without the key (plain sha256, or the old fixed-prefix
     # form), matches no stored hash: only the key (outside git) links a hash to an id
     stored = hashes_in(ws) | {m.decode() for m in HEX64.findall(history)}
@@ -158,14 +151,68 @@ def test_concurrent_deletions_are_serialised_and_a_killed_holder_blocks_no_one(w
     assert "up to date" in state["dvc"]
 
 
-def test_a_params_typo_before_dvc_repro_loses_nothing_dvc_checkout_cannot_restore(workspace):
+def snapshot(ws: Path) -> dict[str, str]:
+    """sha256 of every file outside git and DVC's scratch folder: blocks, store, metrics, cache,
+    dvc.lock, the audit trail, the state folder."""
+    skip = (ws / ".git", ws / ".dvc" / "tmp")
+    return {
+        str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(ws.rglob("*"))
+        if p.is_file() and not any(p.is_relative_to(d) for d in skip)
+    }
+
+
+# A typo in each section of params.yaml: (section, key, bad value); None renames the key.
+TYPOS = [
+    ("paths", "naive_store", 5),
+    ("prepare", "blocks", "many"),
+    ("train", "lr", "fast"),
+    ("train", "epochs", None),  # `epoch:` for `epochs:`
+    ("evaluate", "batch_size", 0),
+    ("verify", "alpha", 2),
+    ("report", "epsilons", "small"),
+    ("forget", "epsilon", "tiny"),
+    ("consolidate", "max_age", "soon"),
+    ("serve", "cron", "every day"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "bad"), TYPOS)
+def test_a_params_typo_under_dvc_repro_is_one_sentence_and_changes_no_byte(
+    workspace, section, key, bad
+):
+    """dvc.yaml's first stage (`obliviate check`) refuses the typo before DVC removes any
+    stage's outputs, so blocks, store, metrics and dvc.lock keep every byte."""
+    import yaml
+
     ws = workspace
-    original = (ws / "metrics" / "original.json").read_bytes()
     good = (ws / "params.yaml").read_text()
-    (ws / "params.yaml").write_text(good.replace("  epochs:", "  epoch:", 1))  # a typo
+    raw = yaml.safe_load(good)
+    if bad is None:
+        raw[section][key[:-1]] = raw[section].pop(key)
+    else:
+        raw[section][key] = bad
+    before, head = snapshot(ws), sh(ws, "git", "rev-parse", "HEAD").stdout
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     failed = sh(ws, str(BIN / "dvc"), "repro", check=False)
-    assert failed.returncode != 0 and "epoch" in failed.stderr + failed.stdout
     (ws / "params.yaml").write_text(good)
-    sh(ws, str(BIN / "dvc"), "checkout")  # what the README says to run
-    assert (ws / "metrics" / "original.json").read_bytes() == original
+    assert failed.returncode != 0
+    named = key[:-1] if bad is None else key
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and f"'{section}.{named}'" in ours[0], failed.stderr
+    assert ours[0].endswith(".") and "Traceback" not in failed.stderr
+    assert snapshot(ws) == before  # not one byte lost or changed, .dvc/cache included
+    assert sh(ws, "git", "rev-parse", "HEAD").stdout == head
     assert "up to date" in sh(ws, str(BIN / "dvc"), "status").stdout
+
+
+def test_a_wrong_type_for_a_path_dvc_yaml_names_stops_dvc_before_anything_runs(workspace):
+    """A path that dvc.yaml interpolates is read by DVC first: DVC refuses it, nothing runs."""
+    ws = workspace
+    good = (ws / "params.yaml").read_text()
+    before = snapshot(ws)
+    (ws / "params.yaml").write_text(good.replace("blocks: data/blocks", "blocks: 5", 1))
+    failed = sh(ws, str(BIN / "dvc"), "repro", check=False)
+    (ws / "params.yaml").write_text(good)
+    assert failed.returncode != 0 and "Running stage" not in failed.stdout
+    assert snapshot(ws) == before

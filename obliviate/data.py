@@ -383,7 +383,7 @@ def read_image(path: Path, channels: int = 3):
             "`obliviate partition`."
         ) from exc
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(pixels))
+    return torch.from_numpy(np.array(pixels, order="C"))  # a writable copy
 
 
 # --------------------------------------------------------------------------- npz arrays

@@ -279,10 +279,10 @@ CASES = {
         "req.jsonl:2 is not valid JSON",
         write("req.jsonl", '"digits:1"\n{"id": "digits:2"\n'),
     ),
-    "--file id not a string": Case(
+    "--file id neither text nor an integer": Case(
         ("request", "--file", "req.jsonl"),
         "req.jsonl:1 has no sample id",
-        write("req.jsonl", '{"id": 17}\n'),
+        write("req.jsonl", '{"id": 1.5}\n'),
     ),
     "empties a block": Case(
         ("request", "--file", "req.jsonl"),

@@ -1,7 +1,9 @@
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, write_params
 
 
@@ -68,3 +70,33 @@ def test_a_long_delta_series_prints_as_a_short_summary(tmp_path):
     lines = _deletion_lines(cfg, {**sweep, "sweeps": [sweep], "versioned": "dvc+git"}, 1, 88.8)
     assert "(t=499, end_of_store); Delta: 100, 50, 33.3, ... (494 more) ..." in lines
     assert max(map(len, lines.splitlines())) < 200
+
+
+def test_poor_model_warning_needs_accuracy_clearly_above_the_majority_class():
+    from obliviate.evaluate import poor_model_warning
+
+    m = {"majority_rate": 0.5, "n_test": 400}  # two standard errors: 0.05
+    assert poor_model_warning({**m, "accuracy": 0.56}) is None
+    line = poor_model_warning({**m, "accuracy": 0.54})
+    assert "0.5400" in line and "0.5000" in line and "\n" not in line
+    assert poor_model_warning({"accuracy": 0.5, "n_test": 10}) is None  # no rate: no claim
+    big = {"majority_rate": 0.9, "n_test": 10**6}  # at least one point, however large n is
+    assert poor_model_warning({**big, "accuracy": 0.905}) is not None
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_warn_when_the_model_is_no_better_than_the_majority_class(tmp_path):
+    params = str(write_params(
+        tmp_path, prepare={"blocks": 2}, train={"epochs": 1, "lr": 1e-9},
+        verify={"owner_block": 0},
+    ))  # fmt: skip
+    assert run_cli("partition", "--params", params).returncode == 0
+    trained, evaluated = (run_cli(c, "--params", params) for c in ("train", "evaluate"))
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert 0.09 < metrics["majority_rate"] < 0.12  # digits: ten classes of about 180
+    for done in (trained, evaluated):
+        assert done.returncode == 0, done.stderr
+        lines = [x for x in done.stderr.splitlines() if x.startswith("warning:")]
+        assert len(lines) == 1, done.stderr
+        assert f"majority-class rate {metrics['majority_rate']:.4f}" in lines[0]
+        assert f"test accuracy {metrics['accuracy']:.4f}" in lines[0]

@@ -201,6 +201,26 @@ def both(*steps: Callable[[Path, Template], None]) -> Callable[[Path, Template],
 CSV = params(prepare={"dataset": "csv", "source": "raw/table.csv"})
 CSV_WITH_ID = params(prepare={"dataset": "csv", "source": "raw/table.csv", "id": "id"})
 GOOD_ROWS = "".join(f"{i},{i % 3}.5,{i % 2}\n" for i in range(40))
+PURCHASE_CUT = (
+    "Administrative,Administrative_Duration,Informational,Informational_Duration,"
+    "ProductRelated,ProductRelated_Duration,BounceRates,ExitRates,PageValues,SpecialDay,Month,"
+    "OperatingSystems,Browser,Region,TrafficType,VisitorType,Weekend,Revenue\n"
+    + "0,0.0,0,0.0,1,0.0,0.2,0.2,0.0,0.0,Feb,1,1,1,1,Returning_Visitor,FALSE,FALSE\n" * 30
+    + "0,0.0,0,0.0,1,0.0,0.2,0.2,0.0,0.0,Feb,1,1,1,1,Return"  # cut off inside a field
+)
+
+
+def two_sizes(ws: Path, t: Template) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (ws / "raw" / "img" / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8 + (cls == "b" and i == 2))).save(
+                ws / "raw" / "img" / "train" / cls / f"{i}.png"
+            )
+
+
 BLOCK = "data/blocks/block_0004.npz"
 PARAMS_CHUNK = "models/store.zarr/params/c/5/0"
 JOURNAL = ".obliviate/requests"
@@ -502,6 +522,36 @@ CASES = {
         ("partition",),
         "duplicated id",
         both(CSV_WITH_ID, write("raw/table.csv", "id,b,label\n" + GOOD_ROWS + "3,1.0,1\n")),
+    ),
+    "csv empty id": Case(
+        ("partition",),
+        "the id column 'id' is empty at row 4",
+        both(
+            CSV_WITH_ID, write("raw/table.csv", 'id,b,label\n"a",1,0\n"b",2,1\n"c",1,0\n" ",2,1\n')
+        ),
+    ),
+    "csv id with a line break": Case(
+        ("partition",),
+        "holds a line break or other control character",
+        both(CSV_WITH_ID, write("raw/table.csv", 'id,b,label\n"a",1,0\n"b\nc",2,1\n')),
+    ),
+    "csv id over 256 characters": Case(
+        ("partition",),
+        "is 300 characters long, over the 256 allowed",
+        both(CSV_WITH_ID, write("raw/table.csv", f"id,b,label\na,1,0\n{'x' * 300},2,1\n")),
+    ),
+    "purchase CSV cut inside a field": Case(
+        ("partition",),
+        "online_shoppers_intention.csv",
+        both(
+            params(prepare={"dataset": "purchase", "source": "raw/online_shoppers_intention.csv"}),
+            write("raw/online_shoppers_intention.csv", PURCHASE_CUT),
+        ),
+    ),
+    "images of two sizes": Case(
+        ("partition",),
+        "differ in size (8x8 and 9x8, height x width); set train.image_size",
+        both(params(prepare={"dataset": "imagefolder", "source": "raw/img"}), two_sizes),
     ),
     "csv missing labels": Case(
         ("partition",),

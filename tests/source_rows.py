@@ -1,6 +1,8 @@
 """Real-world sources as a new user brings them, one row per shape, each through the path users
 run: `dvc repro`, then `obliviate forget <id>`, `audit` and `export`; a bad file ends `dvc repro`
-in one sentence at the prepare stage.
+in one sentence at the prepare stage. The rows run in tests/test_sources_tables.py (CSV,
+Parquet) and tests/test_sources_arrays.py (npz, image folders), two modules so that pytest-xdist
+spreads them over its workers.
 
 - csv-text-ids: a `;`-separated CSV with a BOM, every field quoted (some hold `;` or `,`): ids of
   any text (UUIDs, e-mails, non-ASCII with spaces), a categorical column, a text label;
@@ -13,7 +15,7 @@ in one sentence at the prepare stage.
 - images-mixed: an image folder of PNG and JPEG in L, RGB and RGBA, at their own 12x12 size;
 - images-corrupt: the same with one file that is not an image, named.
 
-Slow: each row builds a DVC + git workspace and runs the CLI as a user would (about a minute).
+Each row builds a DVC + git workspace and runs the CLI as a user would (about a minute).
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from e2e import BIN, assert_nowhere, new_project, sh
-
-pytestmark = pytest.mark.slow
 
 N = 120  # samples per source: 3 blocks of about 30 after the test and validation splits
 FAST = {"epochs": 3, "lr": 0.01, "lr_schedule": "constant", "batch_size": 8}
@@ -157,8 +156,8 @@ ROWS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_a_source_goes_through_dvc_repro_forget_audit_and_export(tmp_path, row):
+def run_row(tmp_path: Path, row: str) -> None:
+    """Build the row's file and project, `dvc repro`, forget an id, audit and export."""
     make, model, refusal = ROWS[row]
     raw = tmp_path / "raw"  # the user's own files, outside the project (theirs to keep)
     raw.mkdir()

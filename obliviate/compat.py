@@ -56,6 +56,7 @@ def require_usable(cfg: Config, store, trainer) -> None:
     complete store built from today's params and blocks, on this device class, with this model
     (replay would not be exact otherwise); else one sentence."""
     store.require_complete()
+    require_same_thinning(cfg, store)
     if store.meta["fingerprint"] != store_fingerprint(cfg):  # replay would not be exact
         raise StoreError(
             f"{store.path} was built with other params or blocks than params.yaml and "
@@ -64,6 +65,17 @@ def require_usable(cfg: Config, store, trainer) -> None:
         )
     require_same_device(store, trainer, allow_inexact=False)
     require_same_model(store, trainer)
+
+
+def require_same_thinning(cfg: Config, store) -> None:
+    """A store keeps the rows of the train.store_every it was written with; another s would
+    name rows it does not hold as kept."""
+    if store.store_every != cfg.train.store_every:
+        raise StoreError(
+            f"{store.path} keeps every {store.store_every}th row but params.yaml sets "
+            f"train.store_every: {cfg.train.store_every}; set it back to {store.store_every}, or "
+            "retrain with `obliviate train --overwrite`."
+        )
 
 
 def require_same_model(store, trainer) -> None:
@@ -104,11 +116,14 @@ def require_same_device(store, trainer, allow_inexact: bool) -> dict | None:
               "torch": here["torch"], "cuda": here["cuda"],
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     if store.completed >= 1 and trainer.parallel.size == 1:  # (a lone rank cannot all-reduce)
+        first = next(k for k in range(1, store.completed + 1) if store.is_kept(k))
         theta, opt = store.read(0)
-        replayed, _ = trainer.run_block(1, theta, opt)
-        stored = store.read(1)[0].astype(np.float64)
-        diff = np.abs(replayed.numpy().astype(np.float64) - stored).max()
-        record.update(row=1, max_abs_diff=float(diff))
+        for k in range(1, first + 1):  # up to the first kept row (train.store_every)
+            replayed, opt = trainer.run_block(k, theta, opt)
+            theta, opt = replayed.numpy(), None if opt is None else opt.numpy()
+        stored = store.read(first)[0].astype(np.float64)
+        diff = np.abs(theta.astype(np.float64) - stored).max()
+        record.update(row=first, max_abs_diff=float(diff))
     meta = store.meta
     replays = [*meta["extra"].get("inexact_replays", []), record]
     extra = {**meta["extra"], "inexact_replays": replays}

@@ -156,6 +156,7 @@ class TrainConfig(_Section):
     epochs: PositiveInt  # per block
     batch_size: PositiveInt
     keep_optimizer_state: bool  # carry momentum/Adam moments from block to block
+    store_every: PositiveInt  # s: the store keeps P_0, P_B and every s-th row; the rest replay
     seed: int
     threads: PositiveInt  # torch intra-op threads; part of the replay contract
     device: DeviceName  # auto | cpu | cuda | cuda:N

@@ -49,7 +49,17 @@ def export_model(cfg, out: Path, fmt: str = "safetensors", row: int | None = Non
                         t.model_args, t.small_stem, cfg.root)  # fmt: skip
     meta = store.meta
     store.require_layout(layout(model))
-    theta, _ = store.read(k)
+    if store.is_kept(k):
+        theta, _ = store.read(k)
+    else:  # a thinned store: replay row k from the nearest kept row below it, exactly as
+        # stored training ran, which needs today's params, blocks, model and device class
+        from obliviate.compat import require_usable
+        from obliviate.rows import Rows
+        from obliviate.train import Trainer
+
+        trainer = Trainer.from_config(cfg)
+        require_usable(cfg, store, trainer)
+        theta, _ = Rows(store, trainer).read(k)
     load_flat(model, torch.from_numpy(theta))
     state = {name: v.detach().clone().contiguous() for name, v in model.state_dict().items()}
     arch = describe(t.model, model, info.input_shape, info.n_classes, t.hidden,

@@ -64,6 +64,8 @@ def store_chunk_problems(store, first_row: int = 0, decode: bool = False) -> Ite
     arrays = [store.params] + ([store.optimizer] if store.optimizer is not None else [])
     for arr in arrays:
         for i in range(first_row, last + 1):
+            if not store.is_kept(i):  # train.store_every: not on disk, rebuilt by replay
+                continue
             if (problem := _row_problem(store, arr, i, None, decode)) is not None:
                 yield problem
     shifts = store.meta.get("shifts", [])

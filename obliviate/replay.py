@@ -39,6 +39,7 @@ from obliviate.config import Config
 from obliviate.errors import StoreError
 from obliviate.hashing import row_hash
 from obliviate.partition import read_manifest
+from obliviate.rows import Rows
 from obliviate.store import ParamStore
 from obliviate.train import Trainer
 
@@ -91,8 +92,15 @@ def replay(
             f"row {approximate[0]} is approximate (the store is exact through row {k_exact}): "
             "only exact rows replay; run `obliviate consolidate` first."
         )
+    thinned = [k for k in wanted if not store.is_kept(k)]
+    if thinned:
+        raise StoreError(
+            f"row {thinned[0]} is not kept in {store.path} (train.store_every: "
+            f"{store.store_every}), so no stored bytes compare with its replay; name kept rows "
+            f"(0, {store.store_every}, {2 * store.store_every}, ..., {n})."
+        )
     if sample:
-        pool = list(range(1, k_exact + 1))
+        pool = [k for k in range(1, k_exact + 1) if store.is_kept(k)]
         wanted = sorted(set(wanted) | set(random.Random(seed).sample(pool, min(sample, len(pool)))))
     _check_chain(cfg, store, out, None if every else wanted)
     if every:
@@ -102,16 +110,18 @@ def replay(
         for k in range(1, k_exact + 1):
             theta, opt = trainer.run_block(k, theta, opt)
             theta, opt = theta.numpy(), None if opt is None else opt.numpy()
-            _compare(store, k, theta, opt, out)
+            if store.is_kept(k):  # a thinned store holds nothing to compare the others with
+                _compare(store, k, theta, opt, out)
             if on_row:
                 on_row(k)
         return out
+    rows = Rows(store, trainer)
     for k in wanted:
         if k == 0:
             theta, opt = trainer.initial_state()
         else:
-            try:
-                previous = store.read(k - 1)
+            try:  # a row between kept ones: replayed from the kept row below it
+                previous = store.read(k - 1) if store.is_kept(k - 1) else rows.read(k - 1)
             except StoreError as exc:  # a damaged predecessor: named, nothing replays from it
                 out.differing.append((k - 1, str(exc)))
                 continue
@@ -166,6 +176,8 @@ def _check_chain(cfg: Config, store: ParamStore, out: Replayed, only: list[int] 
     limit = min([*changed, store.n_blocks + 1]) - 1
     last = min(limit, store.exact_through)  # rows before the first block changed since
     for k in range(last + 1) if only is None else [k for k in only if k <= last]:
+        if not store.is_kept(k):  # train.store_every: no stored bytes to hash
+            continue
         if k > 0 and blocks[k - 1] != chain["blocks"][k - 1]:
             out.differing.append(
                 (

@@ -31,7 +31,7 @@ import itertools
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,8 @@ class StoreMeta:
     optimizer_layout: list[dict]
     extra: dict  # dataset, model, recipe: for humans and `obliviate info`
     completed: int = -1
+    store_every: int = 1  # s: rows 0, B and every s-th are kept; the rest replay (obliviate.rows)
+    pinned: list[int] = field(default_factory=list)  # rows kept besides those (a deletion's)
 
 
 class ParamStore:
@@ -192,16 +194,52 @@ class ParamStore:
             )
 
     # ------------------------------------------------------------------ rows
+    # ------------------------------------------------------------------ kept rows
+    @property
+    def store_every(self) -> int:
+        return int(self.meta.get("store_every", 1))
+
+    def is_kept(self, k: int) -> bool:
+        """Whether row k is on disk: P_0, P_B, every s-th row and the pinned ones."""
+        meta = self.meta
+        s = int(meta.get("store_every", 1))
+        return k % s == 0 or k == meta["n_blocks"] or k in meta.get("pinned", ())
+
+    def kept_rows(self) -> list[int]:
+        return [k for k in range(self.n_blocks + 1) if self.is_kept(k)]
+
+    def base_of(self, k: int) -> int:
+        """The nearest kept row at or below k: where a replay of row k starts."""
+        return max(j for j in range(k + 1) if self.is_kept(j))
+
+    def _require_kept(self, k: int) -> None:
+        if not self.is_kept(k):
+            raise StoreError(
+                f"{self.path} keeps every {self.store_every}th row and row {k} is not one of "
+                "them; it is rebuilt by replay (`obliviate export --row`, obliviate.rows.Rows)."
+            )
+
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none)."""
+        """P_k (|theta|,) and its optimizer state (None when the recipe keeps none); row k must
+        be kept (``obliviate.rows.Rows`` reads any row)."""
+        theta, opt = self.read_raw(k)
+        return self.shifted(k, theta), opt
+
+    def read_raw(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Kept row k as written, without a stitching shift, and its optimizer state."""
+        self._require_kept(k)
         opt = self.read_row(self.optimizer, k) if self.optimizer is not None else None
-        return self.read_params(k), opt
+        return self.read_row(self.params, k), opt
 
     def read_params(self, k: int) -> np.ndarray:
         """P_k as the consistent store defines it: the stored row plus the stitching shift whose
         ranges cover k, if any. Shifts are compacted (see ``install_deletion``): at most one covers
         a row, so a read costs one row and at most one shift however many deletions happened."""
-        theta = self.read_row(self.params, k)
+        self._require_kept(k)
+        return self.shifted(k, self.read_row(self.params, k))
+
+    def shifted(self, k: int, theta: np.ndarray) -> np.ndarray:
+        """Row k's stored (or replayed) values plus the stitching shift that covers k, if any."""
         covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
         if covering:
             (i,) = covering
@@ -422,6 +460,8 @@ class ParamStore:
             "chunks": list(self.params.chunks),
             "compressors": [str(c) for c in self.params.compressors],
             "deletion_shifts": len(meta.get("shifts", [])),
+            "store_every": self.store_every,
+            "kept_rows": len(self.kept_rows()),
             "exact_through": self.exact_through,
             "approximate_deletions": len(self.approximate),
         }

@@ -71,12 +71,14 @@ def serve(store_path: Path | str, stream, flush_seconds: float = FLUSH_SECONDS) 
 
     def flush() -> None:
         nonlocal rows, size, last_flush
-        if rows:
-            k0 = rows[0][0]
-            if [r[0] for r in rows] != list(range(k0, k0 + len(rows))):
-                raise ValueError(f"rows arrived out of order: {[r[0] for r in rows]}")
-            opts = None if rows[0][2] is None else np.stack([r[2] for r in rows])
-            store.write_rows(k0, np.stack([r[1] for r in rows]), opts)
+        ks = [r[0] for r in rows]
+        if ks != sorted(set(ks)):
+            raise ValueError(f"rows arrived out of order: {ks}")
+        while rows:  # one slab per run of consecutive rows (a thinned store keeps every s-th)
+            n = next((i for i in range(1, len(rows)) if rows[i][0] != rows[0][0] + i), len(rows))
+            run, rows = rows[:n], rows[n:]
+            opts = None if run[0][2] is None else np.stack([r[2] for r in run])
+            store.write_rows(run[0][0], np.stack([r[1] for r in run]), opts)
         rows, size, last_flush = [], 0, time.monotonic()
 
     while True:

@@ -450,6 +450,7 @@ def open_or_create_store(cfg: Config, trainer: Trainer, overwrite: bool) -> Para
     meta = StoreMeta(
         fingerprint=fingerprint,
         n_blocks=trainer.n_blocks,
+        store_every=cfg.train.store_every,
         layout=[asdict(e) for e in layout(trainer.model)],
         optimizer_layout=optimizer_layout(trainer.model, trainer.recipe),
         extra={
@@ -509,7 +510,7 @@ def stored_training(
     with writing as writer:
         for k in range(store.completed + 1, trainer.n_blocks + 1):
             theta, opt = trainer.run_block(k, theta, opt)
-            if writer is not None:
+            if writer is not None and store.is_kept(k):  # train.store_every: the rest replay
                 writer.put(k, theta, opt)
             if on_block:
                 on_block(k, trainer.n_blocks)

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "obliviate"
-METHOD = {"partition", "train", "store", "store_writer", "stoprule", "sweep", "guard",
+METHOD = {"partition", "train", "store", "store_writer", "rows", "stoprule", "sweep", "guard",
           "trigger", "gate"}  # fmt: skip
 HELPERS = {"config", "data", "models", "device", "predict", "compat", "hashing", "errors",
            "objectstore", "requests", "faults", "validate"}  # fmt: skip

@@ -11,6 +11,12 @@ two equally good models differ.
 
     python benchmarks/deletion.py                                  # the tables of the docs
     python benchmarks/deletion.py --case purchase-mlp --sizes 1 --positions first --repeats 2
+    python benchmarks/deletion.py --store-every 1 5 10 25          # the thinned-store table
+
+``--store-every`` builds the store once per s (`train.store_every`) and deletes one sample at the
+first, middle and last block of each, timing the deletion against one naive retrain per position
+in the same run (a naive retrain does not depend on s). It reports the store's bytes against the
+s = 1 store's and whether the served model's bytes equal s = 1's for the same deletion.
 
 Definitions (docs/benchmarks.md): retraining speed-up = naive stored-training wall time /
 the deletion's compute time (accepted to staged: retraining, guard, staging), the number
@@ -79,6 +85,66 @@ def one_deletion(cfg, n: int, position: str, rep: int, pristine: Path, y) -> dic
         "acc_unlearned": float((p_unl == y).mean()), "acc_naive": float((p_naive == y).mean()),
         "acc_refused_stitch": refused_acc, "consistency": float((p_unl == p_naive).mean()),
     }  # fmt: skip
+
+
+def thinning(name: str, every: list[int], out: Path) -> list[dict]:
+    """One deletion per position on a store built with each s; naive once per position."""
+    from obliviate.hashing import model_hash
+
+    rows, naive, full = [], {}, {}
+    for s in every:
+        cfg = case_config(name, out / f"thin-{name}" / f"s{s}" / "ws", train={"store_every": s})
+        _, build_s = report.timed(report.build, cfg)
+        store = ParamStore.open(cfg.paths.store)
+        size = store.nbytes_stored()
+        pristine = cfg.root.parent / "pristine"
+        report.snapshot(cfg, pristine)
+        y = load_samples(cfg.paths.test).y
+        if not naive:  # one untimed deletion first: imports and caches, as in a warm worker
+            forget(cfg, report.pick(cfg, 1, "middle", skip=1), force=True, refresh=False)
+        for position in report.POSITIONS:
+            report.restore(cfg, pristine)
+            ids = report.pick(cfg, 1, position)
+            record, _ = report.timed(forget, cfg, ids, force=True, refresh=False)
+            trainer = Trainer.from_config(cfg)
+            served = ParamStore.open(cfg.paths.store).read_params(cfg.prepare.blocks)
+            acc = float((test_predictions(cfg, trainer, served) == y).mean())
+            if position not in naive:
+                fresh, naive_s = report.timed(stored_training, naive_config(cfg), overwrite=True)
+                p = test_predictions(cfg, trainer, fresh.read_params(fresh.n_blocks))
+                naive[position] = {"naive_s": naive_s, "acc_naive": float((p == y).mean())}
+            full.setdefault(position, model_hash(served))
+            compute_s = record["timings_s"]["compute"]
+            rows.append({
+                "case": f"{cfg.prepare.dataset}/{cfg.train.model} B={cfg.prepare.blocks}",
+                "s": s, "position": position, "build_s": build_s, "store_bytes": size,
+                "raw_bytes": store.nbytes_raw(), "kept_rows": len(store.kept_rows()),
+                "t": record["t"], "compute_s": compute_s, **naive[position],
+                "speedup": naive[position]["naive_s"] / compute_s, "acc": acc,
+                "served_sha256": model_hash(served),
+                "same_bytes_as_first_s": model_hash(served) == full[position],
+                "commit": stamp.commit(), "params_sha256": stamp.params_digest(),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def thinning_markdown(rows: list[dict]) -> str:
+    head = ("| case | s | rows kept | store / s=1 store | stored training | position | t | "
+            "deletion | naive | speed-up | accuracy (naive) | served bytes = s=1 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    base = {(r["case"]): r["store_bytes"] for r in rows if r["s"] == 1}
+    out = [head]
+    for r in rows:
+        ratio = f"{r['store_bytes'] / base[r['case']]:.3f}" if r["case"] in base else "n/a"
+        same = "yes" if r["same_bytes_as_first_s"] else "NO"
+        out.append(
+            f"| {r['case']} | {r['s']} | {r['kept_rows']} | {r['store_bytes'] / 2**20:.1f} MiB, "
+            f"{ratio} | {r['build_s']:.0f} s | {r['position']} | {r['t']} | "
+            f"{r['compute_s']:.2f} s | {r['naive_s']:.1f} s | {r['speedup']:.1f}x | "
+            f"{r['acc']:.4f} ({r['acc_naive']:.4f}) | {same} |"
+        )
+    return "\n".join(out)
 
 
 def naive_seed_spread(cfg, pristine: Path, seeds: int, y) -> list[float]:
@@ -211,11 +277,27 @@ def main() -> None:
     parser.add_argument("--multi", type=int, default=10, help="samples for one-vs-sequential")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' tables")
+    parser.add_argument(
+        "--store-every",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="the thinned-store table: one store per s (first: the reference)",
+    )
     parser.add_argument("--tables-from", type=Path, nargs="+", metavar="FILE",
                         help="measure nothing: write the tables from the rows of earlier runs "
                         "(their deletion.json, or the JSON lines they printed)")  # fmt: skip
     parser.add_argument("--measured-by", help="with --tables-from: the commands that measured")
     args = parser.parse_args()
+    if args.store_every:
+        rows = [r for name in args.case or list(CASES)
+                for r in thinning(name, args.store_every, args.out)]  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "store_every.json").write_text(json.dumps(rows, indent=1))
+        command = "python " + " ".join(["benchmarks/deletion.py", *sys.argv[1:]])
+        if not args.no_docs:
+            stamp.write(DOC, "store-every", thinning_markdown(rows), command, rows[0])
+        return
     if args.tables_from:
         return write_tables(*rows_from(args.tables_from), args.measured_by, args.no_docs)
     rows, multi, spreads = [], [], {}

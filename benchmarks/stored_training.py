@@ -53,11 +53,13 @@ CASES = {
 }
 
 
-def case_config(name: str, workdir: Path) -> Config:
-    """The project's params.yaml with the case's overrides and every path under workdir."""
+def case_config(name: str, workdir: Path, **overrides: dict) -> Config:
+    """The project's params.yaml with the case's overrides (then ``overrides``, by section) and
+    every path under workdir."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in CASES[name].items():
-        raw[section].update(values)
+    for changes in (CASES[name], overrides):
+        for section, values in changes.items():
+            raw[section].update(values)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_config(workdir / "params.yaml")

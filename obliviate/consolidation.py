@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from obliviate import lifecycle
 from obliviate import transaction as txn
@@ -49,6 +50,7 @@ from obliviate.faults import arm_kill_timer, crashpoint
 from obliviate.guard import reference_of
 from obliviate.hashing import file_digest, model_hash, row_hash
 from obliviate.partition import read_manifest
+from obliviate.rows import Rows
 from obliviate.store import ARRAY_CONFIG, ParamStore
 from obliviate.train import Trainer
 
@@ -289,7 +291,7 @@ def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
             return step, work  # (and reference were done: finish them, outside the lock)
         if valid is not None and valid > k_live and min(work.rows) <= k_live + 1:
             out.rounds, out.stalls = attempt, 0
-            record = _install(cfg, store, work, chain, out, valid, clock)
+            record = _install(cfg, store, trainer, work, chain, out, valid, clock)
             if valid == n:
                 out.record = record
                 out.seconds["install"] = time.perf_counter() - clock - out.seconds["compute"]
@@ -306,19 +308,20 @@ def _step(cfg, trainer, out: Consolidated, attempt: int, wait, clock: float):
                     "consolidate` again when the requests have settled (or raise "
                     "consolidate.rounds)."
                 )
-        start, base = _restart(store, work, chain)
+        start, base = _restart(store, work, chain, Rows(store, trainer))
     step = {"do": "compute", "start": start, "base": base, "chain": chain, "n": store.n_blocks}
     return step, work
 
 
-def _restart(store: ParamStore, work: Work, chain: list[str]):
-    """An empty work whose base is the live store's exact row K: (K + 1, (P_K, its state))."""
+def _restart(store: ParamStore, work: Work, chain: list[str], rows: Rows):
+    """An empty work whose base is the live store's exact row K: (K + 1, (P_K, its state));
+    ``rows`` replays P_K where a thinned store does not keep it."""
     k_live = store.exact_through
     shutil.rmtree(work.folder / "rows.zarr", ignore_errors=True)
     store.staging_arrays(work.folder / "rows.zarr")
     arrays = work.arrays()
     work.rows = {}
-    theta, opt = store.read(k_live)
+    theta, opt = rows.read(k_live)
     arrays["params"][k_live] = theta
     if opt is not None:
         arrays["optimizer"][k_live] = opt
@@ -333,15 +336,17 @@ def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
     rows and the consolidated model's reference."""
     (theta, opt), chain, n = step["base"], step["chain"], step["n"]
     arrays = None if work is None else work.arrays()
+    live = None if work is None else ParamStore.open(cfg.paths.store)
     for k in range(step["start"], n + 1):
         theta, opt = trainer.run_block(k, theta, opt)
         theta, opt = theta.numpy(), None if opt is None else opt.numpy()
         crashpoint("during_consolidation")
         if work is None:
             continue
-        arrays["params"][k] = theta
-        if opt is not None:
-            arrays["optimizer"][k] = opt
+        if live.is_kept(k):  # train.store_every: the rows between are not stored
+            arrays["params"][k] = theta
+            if opt is not None:
+                arrays["optimizer"][k] = opt
         work.rows[k] = {"chain": chain[k], "hash": row_hash(theta, opt)}
         if k % 16 == 0 or k == n:
             work.save()
@@ -349,8 +354,9 @@ def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
         return
     store = ParamStore.open(cfg.paths.store)
     for k in range(min(work.rows)):  # the live rows before the work's: exact, hashed once
-        if work.hashes.get(k, {}).get("chain") != chain[k]:
-            work.hashes[k] = {"chain": chain[k], "hash": row_hash(*store.read(k))}
+        if work.hashes.get(k, {}).get("chain") != chain[k]:  # (a thinned store: kept rows)
+            hashed = row_hash(*store.read(k)) if store.is_kept(k) else None
+            work.hashes[k] = {"chain": chain[k], "hash": hashed}
     served = work.rows[n]["hash"]
     if (work.reference or {}).get("row_hash") != served:
         ref = reference_of(cfg, trainer, work.read(n)[0])
@@ -359,7 +365,9 @@ def _compute(cfg, trainer, work: Work | None, step: dict) -> None:
     work.save()
 
 
-def _install(cfg, store: ParamStore, work: Work, chain, out, upto: int, clock: float) -> dict:
+def _install(
+    cfg, store: ParamStore, trainer, work: Work, chain, out, upto: int, clock: float
+) -> dict:
     """Under the writer lock, the work's rows K+1..``upto`` fitting the blocks as they are:
     stage them as one transaction (the commit point), then apply it. ``upto`` B: the store is
     exact, every approximate deletion too, and the record holds the hash chain; a prefix
@@ -374,15 +382,25 @@ def _install(cfg, store: ParamStore, work: Work, chain, out, upto: int, clock: f
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.move(str(work.folder / "rows.zarr"), tmp / "rows.zarr")
-    installed = {str(k) for k in range(k_live + 1, upto + 1)}
+    installed = {str(k) for k in range(k_live + 1, upto + 1) if store.is_kept(k, pinned=not full)}
     for name in ("params", "optimizer"):  # only rows K+1..upto are installed
         chunks = tmp / "rows.zarr" / name / "c"
         for row in list(chunks.iterdir()) if chunks.is_dir() else []:
             if row.name not in installed:
                 shutil.rmtree(row)
+    pins = []
+    if not full and upto + 1 < n and not store.is_kept(upto + 1):
+        # the shifted rows after a prefix replay from an unchanged row: keep row upto + 1 as is
+        theta, opt = Rows(store, trainer).raw(upto + 1)
+        group = zarr.open_group(str(tmp / "rows.zarr"), mode="r+")
+        group["params"][upto + 1] = theta
+        if opt is not None:
+            group["optimizer"][upto + 1] = opt
+        pins = [upto + 1]
     superseded = store.files_for_rows(list(range(k_live + 1, upto + 1)))
     if full:  # the shifts go too: derived from rows trained with the deleted samples
         superseded += sorted(p for p in (store.path / "shifts").rglob("*") if p.is_file())
+        superseded += store.files_for_rows(store.meta.get("pinned", []))  # and the pins
     if full:
         out.seconds["compute"] = time.perf_counter() - clock
     record = {
@@ -413,6 +431,7 @@ def _install(cfg, store: ParamStore, work: Work, chain, out, upto: int, clock: f
         "kind": "consolidation",
         "rows": [k_live + 1, upto + 1],
         "reference": reference,
+        "pins": pins,
         "record": record,
         "superseded_md5": [file_digest(f, "md5") for f in superseded],
     }
@@ -427,10 +446,10 @@ def _install(cfg, store: ParamStore, work: Work, chain, out, upto: int, clock: f
 
 def chain_head(row_hashes: list[str], block_hashes: list[str]) -> str:
     """One hash over P_0, block 1, P_1, block 2, ..., P_B: changing any row or block changes it."""
-    h = hashlib.sha256(row_hashes[0].encode())
-    for block, row in zip(block_hashes, row_hashes[1:], strict=True):
-        h.update(block.encode())
-        h.update(row.encode())
+    h = hashlib.sha256(str(row_hashes[0]).encode())
+    for block, row in zip(block_hashes, row_hashes[1:], strict=True):  # None: a row a thinned
+        h.update(block.encode())  # store does not keep (train.store_every)
+        h.update(str(row).encode())
     return h.hexdigest()
 
 

@@ -251,8 +251,9 @@ def compute(
         new_blocks[0] = val.take(~leaving)
         dropped_slots = val.slot[leaving].tolist()  # their reference predictions go too
     verdict = (result.verdict if result else None) or guard.judge(served)
+    rewritten = rows + (result.unshift if result else [])  # a baked-in shift rewrites a row
     superseded = [
-        file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rows)
+        file_digest(f, "md5") for f in txn.superseded_files(cfg, store, sorted(plan), rewritten)
     ]
     ids = [i for k in sorted(plan) for i in plan[k]]
     retrained = range(rows[0], rows[-1] + 1) if rows else range(0)

@@ -199,11 +199,11 @@ class ParamStore:
     def store_every(self) -> int:
         return int(self.meta.get("store_every", 1))
 
-    def is_kept(self, k: int) -> bool:
-        """Whether row k is on disk: P_0, P_B, every s-th row and the pinned ones."""
+    def is_kept(self, k: int, pinned: bool = True) -> bool:
+        """Whether row k is on disk: P_0, P_B, every s-th row and (``pinned``) the pinned ones."""
         meta = self.meta
         s = int(meta.get("store_every", 1))
-        return k % s == 0 or k == meta["n_blocks"] or k in meta.get("pinned", ())
+        return k % s == 0 or k == meta["n_blocks"] or (pinned and k in meta.get("pinned", ()))
 
     def kept_rows(self) -> list[int]:
         return [k for k in range(self.n_blocks + 1) if self.is_kept(k)]
@@ -238,11 +238,14 @@ class ParamStore:
         self._require_kept(k)
         return self.shifted(k, self.read_row(self.params, k))
 
+    def shift_index(self, k: int) -> int | None:
+        """The row of the shift array that covers row k (compacted: at most one), if any."""
+        covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
+        return covering[0] if covering else None
+
     def shifted(self, k: int, theta: np.ndarray) -> np.ndarray:
         """Row k's stored (or replayed) values plus the stitching shift that covers k, if any."""
-        covering = [s["index"] for s in self.meta.get("shifts", []) if _covers(s["ranges"], k)]
-        if covering:
-            (i,) = covering
+        if (i := self.shift_index(k)) is not None:
             shift = self.read_row(self.group["shifts"], i, of=k)
             theta = (theta.astype(np.float64) + shift).astype(np.float32)
         return theta
@@ -274,6 +277,8 @@ class ParamStore:
         shift: np.ndarray | None,
         fingerprint: str,
         reference_drop: list[int] = (),
+        pins: list[int] = (),
+        unshift: list[int] = (),
     ) -> None:
         """Install a deletion's staged rows; idempotent, so a crash can be redone.
 
@@ -283,13 +288,17 @@ class ParamStore:
         ``shift`` = P'_{d+t} - P_{d+t} (float64) applies lazily to rows d+t+1..B-1: they are not
         rewritten (at ResNet-50 scale that would take minutes); ``read`` adds it.
         ``reference_drop``: validation slots that leave; the guard's reference predictions for
-        them are dropped (-1) in the same metadata write.
+        them are dropped (-1) in the same metadata write. A thinned store: ``pins`` are rows
+        kept from now on (staged too), ``unshift`` rows whose staged value has its shift baked in.
         """
         self._move_staged(staged)
         meta = self.meta
         if meta.get("last_request") == request_id:  # a redo: the shifts are installed already
             return
         shifts = self._compacted_shifts(meta.get("shifts", []), rows, shift, request_id)
+        for k in unshift:
+            shifts = [{**s, "ranges": _remove_range(s["ranges"], k, k)} for s in shifts]
+        shifts = [s for s in shifts if s["ranges"]]
         exact = frontier_after(self.exact_through, rows, self.exact_replay)
         approximate = [] if exact == self.n_blocks else self.approximate
         if exact < self.n_blocks and rows:
@@ -298,6 +307,7 @@ class ParamStore:
             approximate.append(entry)
         changes = {"shifts": shifts, "fingerprint": fingerprint, "last_request": request_id,
                    "exact_through": exact, "approximate": approximate,
+                   "pinned": sorted({*meta.get("pinned", []), *pins}),
                    "exactness": EXACTNESS}  # fmt: skip
         if reference_drop and "reference" in meta:
             preds = list(meta["reference"]["val_predictions"])
@@ -307,7 +317,7 @@ class ParamStore:
         self.update_meta(**changes)
 
     def install_consolidation(
-        self, txn_id: str, staged: Path, rows: range, reference: dict | None
+        self, txn_id: str, staged: Path, rows: range, reference: dict | None, pins: list[int] = ()
     ) -> None:
         """Install a consolidation's staged rows (P_k and its optimizer state for k in ``rows``).
         Rows that run to B: every row is exact again, so the shifts go (their chunks too: a shift
@@ -324,16 +334,22 @@ class ParamStore:
             shifts = [{**s, "ranges": _remove_range(s["ranges"], rows.start, rows.stop - 1)}
                       for s in meta.get("shifts", [])]  # fmt: skip
             self.update_meta(shifts=[s for s in shifts if s["ranges"]], last_request=txn_id,
-                             exact_through=rows.stop - 1, exactness=EXACTNESS)  # fmt: skip
+                             exact_through=rows.stop - 1, exactness=EXACTNESS,
+                             pinned=sorted({*meta.get("pinned", []), *pins}))  # fmt: skip
             return
+        unpinned = meta.get("pinned", [])  # every row exact: the s-th rows replay all the rest
         changes = {"shifts": [], "last_request": txn_id, "exact_through": rows.stop - 1,
-                   "approximate": [], "exactness": EXACTNESS}  # fmt: skip
+                   "approximate": [], "exactness": EXACTNESS, "pinned": []}  # fmt: skip
         if reference is not None:
             changes["reference"] = reference
         self.update_meta(**changes)
         if (self.path / "shifts").is_dir():  # unused from here on
             shutil.rmtree(self.path / "shifts" / "c", ignore_errors=True)
             self._shift_array(self.params.shape[1]).resize((0, self.params.shape[1]))
+        for k in unpinned:
+            if not self.is_kept(k):
+                for name in ("params", "optimizer"):
+                    shutil.rmtree(self.path / name / "c" / str(k), ignore_errors=True)
 
     def _move_staged(self, staged: Path) -> None:
         """Rename the chunk files of a staged Zarr group (laid out like this store) into it."""

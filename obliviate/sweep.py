@@ -21,6 +21,7 @@ from obliviate.data import Samples
 from obliviate.faults import crashpoint
 from obliviate.guard import StitchVerdict
 from obliviate.partition import load_block
+from obliviate.rows import Rows
 from obliviate.stoprule import StopRule
 from obliviate.store import ParamStore
 from obliviate.train import Trainer
@@ -38,6 +39,8 @@ class Sweep:
     served: np.ndarray  # M' = P'_stop + (P_B - P_stop), float32
     shift: np.ndarray | None  # P'_stop - P_stop (float64); None when stop == B
     new_blocks: dict[int, Samples] = field(default_factory=dict)
+    pins: list[int] = field(default_factory=list)  # rows a thinned store keeps from now on
+    unshift: list[int] = field(default_factory=list)  # rows whose shift is now in the row
     verdict: StitchVerdict | None = None  # the guard's judgement of the served M', if it judged it
     train_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -96,8 +99,13 @@ def sweep(
     """
     start = time.perf_counter()
     first, last, n_blocks = min(plan), max(plan), store.n_blocks
-    new_prev, opt = store.read(first - 1)
+    original = Rows(store, trainer)  # the run as stored: kept rows, or replayed between them
+    new_prev, opt = original.read(first - 1)
     old_prev = new_prev
+    # A thinned store replays a row from the kept row below it, unshifted. If P_{d-1} is shifted,
+    # the retrained rows start from its shifted value: that row is kept from now on, shift baked in.
+    bake = store.store_every > 1 and store.shift_index(first - 1) is not None
+    start_row = (new_prev, opt) if bake else None
     final = store.read_params(n_blocks)
     deltas, fits, new_blocks, verdict = [], [], {}, None
     train_s, reason, k, rejections, next_check = 0.0, "end_of_store", first, 0, 0
@@ -110,9 +118,10 @@ def sweep(
         theta, opt = trainer.train_samples(k, new_prev, opt, block)
         train_s += time.perf_counter() - t0
         theta, opt = theta.numpy(), None if opt is None else opt.numpy()
-        old_cur = store.read_params(k)  # the original run's optimizer state is not needed
+        old_cur = original.read_params(k)  # the original run's optimizer state is not needed
         deltas.append(l1_update_distance(old_prev, old_cur, new_prev, theta))
-        put(k, theta, opt)
+        if store.is_kept(k):  # train.store_every: the other rows replay from the kept ones
+            put(k, theta, opt)
         crashpoint("during_retrain")
         new_prev, old_prev = theta, old_cur
         if k >= last:
@@ -141,7 +150,17 @@ def sweep(
     else:
         shift = new_prev.astype(np.float64) - old_prev.astype(np.float64)
         served = stitch(final, new_prev, old_prev)
+    pins, unshift = [], []
+    if bake:
+        put(first - 1, *start_row)
+        pins, unshift = [first - 1], [first - 1]
+    after = stop_k + 1  # the first shifted row must replay from an unchanged row: keep it as run
+    if shift is not None and after < n_blocks and not store.is_kept(after):
+        put(after, *original.raw(after))
+        pins.append(after)
     return Sweep(
+        pins=[k for k in pins if not store.is_kept(k)],
+        unshift=unshift,
         first=first,
         last_affected=last,
         stop=stop_k,

@@ -494,6 +494,11 @@ def stored_training(
     par = trainer.parallel
     if par.size > 1:
         require_data_parallel_exact(trainer.model)
+        if cfg.train.store_every > 1:  # replaying the rows between kept ones is one process's
+            raise StoreError(
+                "train.store_every > 1 needs one training process (a row between kept ones is "
+                "replayed by one process); set train.store_every: 1 or train without torchrun."
+            )
     error = None
     if par.rank == 0:
         try:

@@ -210,6 +210,8 @@ def stage(
         "record": record,
         "superseded_md5": superseded_md5,
         "reference_drop": reference_drop,  # validation slots that leave: the guard's too
+        "pins": [] if sweep is None else sweep.pins,  # a thinned store's newly kept rows
+        "unshift": [] if sweep is None else sweep.unshift,
     }
     write_json_atomic(tmp / "txn.json", txn)
     crashpoint("before_commit")
@@ -240,7 +242,9 @@ def apply(cfg: Config, txn_id: str) -> dict:
     store = ParamStore.open(cfg.paths.store)
     rows = range(*txn["rows"]) if txn["rows"] else range(0)
     if txn.get("kind") == "consolidation":
-        store.install_consolidation(txn_id, folder / "rows.zarr", rows, txn["reference"])
+        store.install_consolidation(
+            txn_id, folder / "rows.zarr", rows, txn["reference"], txn.get("pins", [])
+        )
         crashpoint("after_store")
         # the store changed; the prepare stage is committed too: its dep, the audit, did
         changed = [cfg.paths.blocks, cfg.paths.store]
@@ -249,7 +253,7 @@ def apply(cfg: Config, txn_id: str) -> dict:
         shift = np.load(folder / "shift.npy") if (folder / "shift.npy").is_file() else None
         store.install_deletion(
             txn_id, folder / "rows.zarr", rows, shift, txn["fingerprint"],
-            txn.get("reference_drop", []),
+            txn.get("reference_drop", []), txn.get("pins", []), txn.get("unshift", []),
         )  # fmt: skip
         crashpoint("after_store")
         for k in txn["blocks"]:

@@ -243,3 +243,19 @@ def test_info_and_fsck_understand_a_thinned_store(tmp_path):
         broken.returncode == 2
         and "row 4 of params has a missing chunk" in broken.stdout + broken.stderr
     )
+
+
+@pytest.mark.slow
+def test_the_accuracy_guard_judges_a_thinned_store_as_the_full_one(tmp_path):
+    """With the guard on (params.yaml's forget.max_accuracy_drop), the same deletion on s = 1 and
+    s = 4 is judged alike and leaves the same bytes."""
+    out = []
+    for s in (1, 4):
+        (tmp_path / f"s{s}").mkdir()
+        cfg = load_config(write_params(tmp_path / f"s{s}", **{**FORGET, "train": {
+            **FORGET["train"], "store_every": s}}))  # fmt: skip
+        prepare(cfg)
+        stored_training(cfg)
+        r = forget(cfg, [str(load_block(cfg.paths.blocks, 4).ids[7])])
+        out.append((r["guard"], r["stop_block"], r["model_after"], all_rows(cfg)))
+    assert out[0][0] is not None and out[0] == out[1]

@@ -37,10 +37,10 @@ format: install
 WORKERS ?= 2
 
 test: lint                    ## lint + the whole test suite (slow tests included)
-	pytest -n $(WORKERS) --dist loadfile
+	pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: lint               ## lint + unit tests only
-	pytest -n $(WORKERS) --dist loadfile -m "not slow"
+	pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 verify-cycle: install        ## CI: train, forget the backdoored owner via a queued request, gate (scratch dir)
 	.ci/verify-cycle

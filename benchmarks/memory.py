@@ -7,7 +7,8 @@ deletion needs) and deletions that retrain t = 5 and t = 50 blocks (stop rule pi
 min_blocks = max_blocks, guard off). Retrained rows stream to staging, so the peak should not grow
 with t; holding them in memory would add t * |theta| * 4 bytes.
 
-    python benchmarks/memory.py          # ~10 min, ~6 GB of disk under benchmarks/results
+    python benchmarks/memory.py                  # ~10 min, ~6 GB of disk under benchmarks/results
+    python benchmarks/memory.py --store-every 10 # the same on a thinned store (its own table)
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the docs' table")
+    parser.add_argument(
+        "--store-every",
+        type=int,
+        default=1,
+        metavar="S",
+        help="train.store_every of the store (S > 1: the memory-sS table)",
+    )
     args = parser.parse_args()
     from obliviate import report
     from obliviate.config import load_config
@@ -74,6 +82,7 @@ def main() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in CASE.items():
         raw[section].update(values)
+    raw["train"]["store_every"] = args.store_every
     params = args.out / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(params)
@@ -89,9 +98,16 @@ def main() -> None:
             {"what": f"deletion, {blocks} blocks retrained", **probe(params, "forget", blocks)}
         )
     floor = rows[0]["peak_mib"]
+    thinned = (
+        f" The store keeps every {args.store_every}th row: {len(store.kept_rows())} of "
+        f"{store.n_blocks + 1}, {store.nbytes_stored() / 2**20:,.0f} MiB of "
+        f"{store.nbytes_raw() / 2**20:,.0f} MiB raw."
+        if args.store_every > 1
+        else ""
+    )
     table = (
         f"ResNet-50 on digits (10 classes): |theta| = {store.params.shape[1]:,} float32 "
-        f"= {theta_mib:.0f} MiB per row.\n\n"
+        f"= {theta_mib:.0f} MiB per row.{thinned}\n\n"
         "| process | t | peak RSS | / floor | holding the rows in memory would add |\n"
         "|---|---|---|---|---|\n"
         + "\n".join(
@@ -100,11 +116,13 @@ def main() -> None:
             for r in rows
         )
     )
-    (args.out.parent / "memory.json").write_text(json.dumps(rows, indent=1))
+    name = "memory" if args.store_every == 1 else f"memory-s{args.store_every}"
+    (args.out.parent / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print(table)
     shutil.rmtree(args.out, ignore_errors=True)
     if not args.no_docs:
-        stamp.write(ROOT / "docs" / "benchmarks.md", "memory", table, "python benchmarks/memory.py")
+        command = "python " + " ".join(["benchmarks/memory.py", *sys.argv[1:]])
+        stamp.write(ROOT / "docs" / "benchmarks.md", name, table, command)
 
 
 if __name__ == "__main__":

@@ -132,9 +132,10 @@ def dvc_workspace(cfg: Config) -> Config:
     return cfg
 
 
-# The longest modules, longest first. `make test` runs pytest-xdist with --dist loadfile, which
-# hands whole modules to its two workers in collection order: collected last (alphabetically),
-# these would start last and leave one worker idle while the other finishes them.
+# The longest modules, longest first. `make test` runs pytest-xdist with --dist loadfile and
+# --no-loadscope-reorder, so whole modules go to its two workers in this collection order
+# (xdist's default orders them by test count, which put these last and left one worker idle
+# while the other finished them).
 LONGEST_FIRST = (
     "test_deletion_e2e.py",
     "test_sources_tables.py",

@@ -138,6 +138,7 @@ def dvc_workspace(cfg: Config) -> Config:
 # while the other finished them).
 LONGEST_FIRST = (
     "test_deletion_e2e.py",
+    "test_bad_inputs.py",
     "test_sources_tables.py",
     "test_sources_arrays.py",
     "test_sources_e2e.py",

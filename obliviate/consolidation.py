@@ -388,6 +388,13 @@ def _install(
         for row in list(chunks.iterdir()) if chunks.is_dir() else []:
             if row.name not in installed:
                 shutil.rmtree(row)
+    # a row pinned by a deletion while the work was computed (it baked a shift in) is exact now,
+    # and the work, which did not keep it, has its exact value only by replay: unpin it
+    unpin = [
+        k
+        for k in store.meta.get("pinned", [])
+        if k_live < k <= upto and not (tmp / "rows.zarr" / "params" / "c" / str(k)).is_dir()
+    ]
     pins = []
     if not full and upto + 1 < n and not store.is_kept(upto + 1):
         # the shifted rows after a prefix replay from an unchanged row: keep row upto + 1 as is
@@ -397,7 +404,7 @@ def _install(
         if opt is not None:
             group["optimizer"][upto + 1] = opt
         pins = [upto + 1]
-    superseded = store.files_for_rows(list(range(k_live + 1, upto + 1)))
+    superseded = store.files_for_rows(list(range(k_live + 1, upto + 1)))  # (unpinned rows too)
     if full:  # the shifts go too: derived from rows trained with the deleted samples
         superseded += sorted(p for p in (store.path / "shifts").rglob("*") if p.is_file())
         superseded += store.files_for_rows(store.meta.get("pinned", []))  # and the pins
@@ -432,6 +439,7 @@ def _install(
         "rows": [k_live + 1, upto + 1],
         "reference": reference,
         "pins": pins,
+        "unpin": unpin,
         "record": record,
         "superseded_md5": [file_digest(f, "md5") for f in superseded],
     }

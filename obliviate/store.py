@@ -317,7 +317,13 @@ class ParamStore:
         self.update_meta(**changes)
 
     def install_consolidation(
-        self, txn_id: str, staged: Path, rows: range, reference: dict | None, pins: list[int] = ()
+        self,
+        txn_id: str,
+        staged: Path,
+        rows: range,
+        reference: dict | None,
+        pins: list[int] = (),
+        unpin: list[int] = (),
     ) -> None:
         """Install a consolidation's staged rows (P_k and its optimizer state for k in ``rows``).
         Rows that run to B: every row is exact again, so the shifts go (their chunks too: a shift
@@ -329,13 +335,16 @@ class ParamStore:
         self._move_staged(staged)
         meta = self.meta
         if meta.get("last_request") == txn_id:  # a redo: the metadata is written already
+            self._drop_unkept(unpin)
             return
         if rows.stop - 1 < self.n_blocks:  # a prefix: rows K+1..m exact, P_B as it was
             shifts = [{**s, "ranges": _remove_range(s["ranges"], rows.start, rows.stop - 1)}
                       for s in meta.get("shifts", [])]  # fmt: skip
+            pinned = sorted({*meta.get("pinned", []), *pins} - {*unpin})
             self.update_meta(shifts=[s for s in shifts if s["ranges"]], last_request=txn_id,
                              exact_through=rows.stop - 1, exactness=EXACTNESS,
-                             pinned=sorted({*meta.get("pinned", []), *pins}))  # fmt: skip
+                             pinned=pinned)  # fmt: skip
+            self._drop_unkept(unpin)  # pinned meanwhile, exact now: replayed from the rows below
             return
         unpinned = meta.get("pinned", [])  # every row exact: the s-th rows replay all the rest
         changes = {"shifts": [], "last_request": txn_id, "exact_through": rows.stop - 1,
@@ -346,7 +355,11 @@ class ParamStore:
         if (self.path / "shifts").is_dir():  # unused from here on
             shutil.rmtree(self.path / "shifts" / "c", ignore_errors=True)
             self._shift_array(self.params.shape[1]).resize((0, self.params.shape[1]))
-        for k in unpinned:
+        self._drop_unkept([*unpinned, *unpin])
+
+    def _drop_unkept(self, rows: list[int]) -> None:
+        """Remove the chunks of rows the metadata no longer keeps (after it was written)."""
+        for k in rows:
             if not self.is_kept(k):
                 for name in ("params", "optimizer"):
                     shutil.rmtree(self.path / name / "c" / str(k), ignore_errors=True)

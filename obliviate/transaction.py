@@ -243,8 +243,9 @@ def apply(cfg: Config, txn_id: str) -> dict:
     rows = range(*txn["rows"]) if txn["rows"] else range(0)
     if txn.get("kind") == "consolidation":
         store.install_consolidation(
-            txn_id, folder / "rows.zarr", rows, txn["reference"], txn.get("pins", [])
-        )
+            txn_id, folder / "rows.zarr", rows, txn["reference"], txn.get("pins", []),
+            txn.get("unpin", []),
+        )  # fmt: skip
         crashpoint("after_store")
         # the store changed; the prepare stage is committed too: its dep, the audit, did
         changed = [cfg.paths.blocks, cfg.paths.store]

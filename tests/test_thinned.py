@@ -259,3 +259,33 @@ def test_the_accuracy_guard_judges_a_thinned_store_as_the_full_one(tmp_path):
         r = forget(cfg, [str(load_block(cfg.paths.blocks, 4).ids[7])])
         out.append((r["guard"], r["stop_block"], r["model_after"], all_rows(cfg)))
     assert out[0][0] is not None and out[0] == out[1]
+
+
+@pytest.mark.slow
+def test_a_prefix_consolidation_beside_a_deletion_on_a_thinned_store(tmp_path, monkeypatch):
+    """A deletion lands while a consolidation computes; it starts from a shifted row, so it pins
+    that row with the shift baked in. The consolidation installs the prefix up to that row
+    (exact now: the pin goes, the row replays from exact rows) and pins the row after it; every
+    row equals s = 1's after the prefix and after the end."""
+    real = consolidation._compute
+    out = []
+    for s in (1, 3):
+        (tmp_path / f"s{s}").mkdir()
+        cfg = load_config(write_params(tmp_path / f"s{s}", **{**CHAIN, "train": {
+            **CHAIN["train"], "store_every": s}}))  # fmt: skip
+        prepare(cfg)
+        stored_training(cfg)
+        forget(cfg, [str(load_block(cfg.paths.blocks, 2).ids[4])])  # stitched: 7.. shifted
+        snapshots = []
+
+        def compute_then_delete(*args, cfg=cfg, snapshots=snapshots, **kwargs):
+            snapshots.append(all_rows(cfg))  # before each compute: after the prefix, the 2nd
+            real(*args, **kwargs)
+            if len(snapshots) == 1:
+                forget(cfg, [str(load_block(cfg.paths.blocks, 11).ids[2])])
+
+        monkeypatch.setattr(consolidation, "_compute", compute_then_delete)
+        result = consolidation.consolidate(cfg)
+        assert len(result.partial) == 1
+        out.append((snapshots, all_rows(cfg)))
+    assert out[0] == out[1]

@@ -1,7 +1,7 @@
 """Any row P_k of a thinned store (``train.store_every`` s > 1), bit for bit.
 
 A thinned store keeps P_0, P_B, every s-th row and any row a deletion had to pin (see
-``ParamStore.kept``); the rows between are not on disk. Replay is exact, so a row that is not
+``ParamStore.is_kept``); the rows between are not on disk. Replay is exact, so a row that is not
 kept is rebuilt from the nearest kept row below it by training the blocks in between, exactly
 as stored training did: the bytes equal what a store with s = 1 holds. A row that a stitching
 shift covers gets the shift added after the replay, as ``ParamStore.read_params`` adds it to a

@@ -210,7 +210,11 @@ class ParamStore:
 
     def base_of(self, k: int) -> int:
         """The nearest kept row at or below k: where a replay of row k starts."""
-        return max(j for j in range(k + 1) if self.is_kept(j))
+        meta = self.meta
+        if k == meta["n_blocks"]:
+            return k
+        pins = [p for p in meta.get("pinned", ()) if p <= k]
+        return max([k - k % int(meta.get("store_every", 1)), *pins])
 
     def _require_kept(self, k: int) -> None:
         if not self.is_kept(k):
